@@ -1,0 +1,211 @@
+"""
+Every adversarial loss the papers compare, on raw D logits (larger = more real), and the regularisers.
+
+  nonsat       non-saturating logistic (Goodfellow et al. 2014; StyleGAN2's default)
+  sat          saturating / minimax logistic
+  wgan         Wasserstein with gradient penalty (Gulrajani et al. 2017, lambda 10) and drift 1e-3
+  hinge        hinge (Lim & Ye 2017; Miyato et al. 2018)
+  contrastive  dual contrastive loss, "Dual Contrastive Loss and Attention for GANs"
+               (Yu et al., ICCV 2021; thesis Sec. 2.3.1, Eq. 2.1-2.3)
+
+plus R1 (Mescheder et al. 2018) and path-length regularisation (Karras et al. 2020), and GradCAM on D
+with the alignment loss of EqGAN-SA (Wang et al., CVPR 2022, Sec. 3.2, Eq. 4).
+
+Conventions: every loss returns a scalar that its player minimises (the mean over this process's
+samples); in DDP the contrastive negatives span the global batch through a differentiable all-gather,
+so the loss and its averaged gradients do not depend on the number of processes.
+This file imports nothing local: D and G are passed in.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+LOSSES = ('nonsat', 'sat', 'wgan', 'hinge', 'contrastive')
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums the gradients of every rank (all_reduce) and keeps this
+    rank's slice: works on gloo and NCCL, unlike reduce_scatter-based versions."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def all_gather(x):
+    """[b, ...] on each rank -> [world * b, ...], differentiable; identity without DDP."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _AllGather.apply(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Eq. 2.1 / 2.2: one-against-a-batch softmax cross-entropy.
+#   for each i: -log( e^{pos_i} / (e^{pos_i} + sum_j e^{neg_j}) ) = softplus(logsumexp_j(neg_j) - pos_i)
+# (the softmax over [pos_i, neg_1..neg_M], computed in O(B) instead of building the [B, M+1] matrix).
+
+def one_vs_batch(pos, neg):
+    return F.softplus(torch.logsumexp(neg.float(), 0) - pos.float())  # [B]
+
+
+def contrastive_d(real, fake):
+    """Eq. 2.3 for D: L_real (Eq. 2.1, each real against all fakes) + L_fake (Eq. 2.2, each fake,
+    negated, against all reals negated)."""
+    l_real = one_vs_batch(real, all_gather(fake))   # Eq. 2.1
+    l_fake = one_vs_batch(-fake, -all_gather(real))  # Eq. 2.2
+    return l_real.mean() + l_fake.mean()
+
+
+def d_loss(kind, real, fake):
+    """D's loss from real logits [b] and fake logits [b] (the WGAN gradient penalty is separate)."""
+    if kind in ('nonsat', 'sat'):  # -log sigmoid(r) - log(1 - sigmoid(f))
+        return F.softplus(-real).mean() + F.softplus(fake).mean()
+    if kind == 'wgan':  # critic: E[f] - E[r], plus the drift term that keeps logits near 0
+        return fake.mean() - real.mean() + 1e-3 * real.square().mean()
+    if kind == 'hinge':
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    if kind == 'contrastive':
+        return contrastive_d(real, fake)
+    raise ValueError(f'unknown loss {kind!r}; choose one of {", ".join(LOSSES)}')
+
+
+def g_loss(kind, fake, real=None, g_form='swap'):
+    """G's loss from fake logits [b]; the contrastive loss also needs the (detached) real logits.
+
+    contrastive, g_form='swap' (default): D's loss with the roles of real and fake swapped, the
+      non-saturating analogue (each fake should win against the batch of reals, and each real
+      should lose against the batch of fakes);
+    contrastive, g_form='minimax': G minimises the negated D objective, Eq. 2.3 as written."""
+    if kind == 'nonsat':
+        return F.softplus(-fake).mean()
+    if kind == 'sat':  # minimises log(1 - sigmoid(f))
+        return -F.softplus(fake).mean()
+    if kind in ('wgan', 'hinge'):
+        return -fake.mean()
+    if kind == 'contrastive':
+        if g_form == 'swap':
+            return contrastive_d(fake, real)
+        if g_form == 'minimax':
+            return -contrastive_d(real, fake)
+        raise ValueError(f'unknown --g-form {g_form!r}; choose swap or minimax')
+    raise ValueError(f'unknown loss {kind!r}; choose one of {", ".join(LOSSES)}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Regularisers
+
+def input_grad_sq(outputs, inputs):
+    """Per-sample squared norm of d sum(outputs) / d inputs, differentiable: [B]."""
+    (grad,) = torch.autograd.grad(outputs.sum(), inputs, create_graph=True)
+    return grad.square().flatten(1).sum(1)
+
+
+def r1_penalty(real_img, real_logits):
+    """R1 = ||grad_x D(x)||^2 on reals ([B]; multiply by gamma / 2). real_img must require grad."""
+    return input_grad_sq(real_logits, real_img)
+
+
+def wgan_gp(D, real, fake, ref=None, t=None):
+    """WGAN-GP: (||grad D(x_hat)|| - 1)^2 on random interpolates of real and fake ([B]; times 10).
+    t: the interpolation weights [B, 1, 1, 1] ~ U(0, 1) (default: a fresh draw)."""
+    t = torch.rand(real.shape[0], 1, 1, 1, device=real.device) if t is None else t
+    x_hat = torch.lerp(real.detach(), fake.detach(), t).requires_grad_(True)
+    logits = D(x_hat, ref) if ref is not None else D(x_hat)
+    return (input_grad_sq(logits, x_hat) + 1e-12).sqrt().sub(1).square()
+
+
+def path_length_penalty(img, ws, pl_mean, decay=0.01, noise=None):
+    """StyleGAN2 path-length regulariser: (||J_w^T y|| - a)^2 with y ~ N(0, I) / sqrt(H W) and `a`
+    the running mean of the lengths (decay 0.01; averaged over DDP ranks). Updates pl_mean. [B].
+    noise: the N(0, I) draw, shaped like img (default: a fresh one)."""
+    noise = (torch.randn_like(img) if noise is None else noise) / math.sqrt(img.shape[2] * img.shape[3])
+    (grad,) = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)  # [B, num_ws, w_dim]
+    lengths = grad.float().square().sum(2).mean(1).sqrt()  # [B]
+    mean = lengths.detach().mean()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(mean)
+        mean /= dist.get_world_size()
+    pl_mean.copy_(pl_mean.lerp(mean, decay))
+    return (lengths - pl_mean).square()
+
+
+# ----------------------------------------------------------------------------------------------
+# EqGAN-SA (Wang et al., CVPR 2022): GradCAM on D (Sec. 2.2) and the alignment loss (Sec. 3.2, Eq. 4)
+
+TRUNCATIONS = ('paper', 'official')
+
+
+def minmax(x, eps=1e-8):
+    """Per-sample min-max normalisation of [B, ...] to [0, 1] (all zeros for a constant sample)."""
+    flat = x.flatten(1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - lo) / (hi - lo + eps)).view_as(x)
+
+
+def gradcam(logits, maps, levels):
+    """GradCAM (Selvaraju et al. 2017) of D at the block outputs maps[r], r in levels: {r: [B, 1, r, r]}.
+
+    Score: the logit, i.e. the gradient of "maximising D's output" (Sec. 2.2; the authors' code uses
+    the G non-saturating loss, whose per-sample gradient is the logit's times -sigmoid(-logit) / B:
+    the opposite sign). Weights w_c = spatial mean of d sum(logits) / dA_c; CAM = ReLU(sum_c w_c A_c),
+    min-max normalised per sample. One autograd.grad with create_graph=True, so a loss on the CAM
+    reaches G through A and through the weights; D's parameters get no gradient when frozen
+    (requires_grad_(False), as train.py does in Gmain). Samples couple only through D's minibatch-std.
+    Reference-attention D: maps above the fusion hold [primaries; references] (2B rows): both rows
+    take part in the gradient, then the first B are kept."""
+    B = logits.shape[0]
+    feats = [maps[r] for r in levels]
+    grads = torch.autograd.grad(logits.float().sum(), feats, create_graph=True)
+    cams = {}
+    for r, a, g in zip(levels, feats, grads):
+        a, g = a[:B].float(), g[:B].float()  # [B, C, r, r]
+        w = g.mean([2, 3], keepdim=True)  # [B, C, 1, 1]: importance weight of each channel
+        cams[r] = minmax(F.relu((w * a).sum(1, keepdim=True)))  # [B, 1, r, r]
+    return cams
+
+
+def truncated_l1(err, tau=0.25, truncation='paper'):
+    """Mean |err| with the truncation of Eq. 4 ("we truncate the L_align values if smaller than tau").
+    'paper': elements with |err| <= tau count as 0, the mean is over all elements (a dead zone: the
+      plain reading; the loss stays on one scale whatever the number of misaligned elements);
+    'official' (the authors' code): the mean over the elements with |err| > tau only, or over all
+      elements when fewer than two exceed tau (no host sync: torch.where)."""
+    e = err.abs()
+    over = e > tau
+    if truncation == 'paper':
+        return torch.where(over, e, 0).mean()
+    if truncation == 'official':
+        n = over.sum()
+        return torch.where(n >= 2, torch.where(over, e, 0).sum() / n.clamp(min=1), e.mean())
+    raise ValueError(f'unknown truncation {truncation!r}; choose one of {", ".join(TRUNCATIONS)}')
+
+
+def align_loss(logits, maps, heatmaps, tau=0.25, truncation='paper'):
+    """Eq. 4: L_align = || GradCAM_D[G(H, z)] - H ||_1, truncated below tau, from the same D forward as
+    the adversarial loss: `logits, maps = D(fake, ref, return_maps=True)`. heatmaps: G's dict
+    ({'h4': [B, 1, 4, 4], 'h8', 'h16'}); compared at the levels D has maps for (4, 8 and, from 32 px, 16),
+    each min-max normalised per sample (CAM resized to the heatmap's size if they differ); the loss is
+    the sum over levels of each level's truncated mean (weight 1 per level, as the authors' code)."""
+    levels = [r for r in sorted(maps) if f'h{r}' in heatmaps]
+    if not levels:
+        raise ValueError(f'no heatmap level matches a D map (maps at {sorted(maps)}, heatmaps {sorted(heatmaps)})')
+    cams = gradcam(logits, maps, levels)
+    loss = 0
+    for r in levels:
+        h = minmax(heatmaps[f'h{r}'].float())  # [B, 1, r, r]
+        cam = cams[r]
+        if cam.shape[-2:] != h.shape[-2:]:
+            cam = F.interpolate(cam, size=h.shape[-2:], mode='bilinear', align_corners=False)
+        loss = loss + truncated_l1(cam - h, tau, truncation)
+    return loss

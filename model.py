@@ -1,0 +1,754 @@
+"""
+StyleGAN2 generator and discriminator (Karras et al., CVPR 2020, configs E and F), with
+
+  - self-attention in G (SAN, SAGAN, DFN, VT) and self-/reference-attention in D from
+    "Dual Contrastive Loss and Attention for GANs" (Yu et al., ICCV 2021; thesis Sec. 2.3.2-2.3.3),
+  - hierarchical heatmaps and spatial encoding layers (SEL) in G from "Improving GAN Equilibrium by
+    Raising Spatial Awareness" (EqGAN-SA, Wang et al., CVPR 2022; Sec. 3.1, Eq. 3).
+
+Plain PyTorch, no custom ops. Parameter names follow the official code (mapping.fc0,
+synthesis.b32.conv1.affine, b64.skip, b4.out, ...). Conventions: images are NCHW float in [-1, 1];
+D returns one raw logit per image, shape [B], larger = more real.
+
+Run alone:
+  python model.py                                     # parameter counts (config E, 256x256) and shapes
+  python model.py CKPT --seeds 0-15 --trunc 0.7 --out grid.png        # samples from a checkpoint
+  python model.py CKPT --heatmap-centers 0.5,0.5 --move 0.2,0 --out edit.png   # EqGAN-SA editing
+  python model.py CKPT --attn-maps --out attn.png     # SAN attention maps (thesis Fig. 2.5)
+"""
+import argparse
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attention
+
+SQRT2 = math.sqrt(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Low-level ops: bias + activation, the [1,3,3,1] FIR filter, resampling convolutions.
+
+def bias_act(x, b, act=True, gain=1.0, clamp=None):
+    """x + b, then leaky ReLU (slope 0.2) with gain sqrt(2) if act, times gain, clamped."""
+    if b is not None:
+        x = x + b.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2)))
+    if act:
+        x = F.leaky_relu(x, 0.2)
+        gain = gain * SQRT2
+    if gain != 1:
+        x = x * gain
+    if clamp is not None:
+        x = x.clamp(-clamp, clamp)
+    return x
+
+
+def fir_filter():
+    f = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    f = torch.outer(f, f)
+    return f / f.sum()  # [4, 4], sums to 1
+
+
+def blur(x, f, padding, gain=1.0):
+    """Depthwise 2D FIR filtering: [B, C, H, W] -> [B, C, H + 2p - 3, W + 2p - 3]."""
+    C = x.shape[1]
+    return F.conv2d(x, (f * gain).to(x.dtype).expand(C, 1, 4, 4), padding=padding, groups=C)
+
+
+def upsample2d(x, f):
+    """Zero-insertion upsampling + FIR with gain 4, as one depthwise transposed conv: [B,C,2H,2W]."""
+    C = x.shape[1]
+    return F.conv_transpose2d(x, (f * 4).to(x.dtype).expand(C, 1, 4, 4), stride=2, padding=1, groups=C)
+
+
+def conv2d_resample(x, w, f=None, up=1, down=1, groups=1):
+    """Convolution with optional 2x up (transposed stride-2 conv, then FIR with gain 4) or 2x down
+    (FIR, then stride-2 conv), as in the official StyleGAN2; w is [O, I/groups, k, k]."""
+    k = w.shape[-1]
+    if up == 2:
+        assert k == 3
+        O = w.shape[0]
+        # conv_transpose2d wants [I, O/groups, k, k]
+        w = w.reshape(groups, O // groups, -1, k, k).transpose(1, 2).reshape(-1, O // groups, k, k)
+        x = F.conv_transpose2d(x, w, stride=2, groups=groups)  # [B, O, 2H+1, 2W+1]
+        return blur(x, f, padding=1, gain=4)  # [B, O, 2H, 2W]
+    if down == 2:
+        x = blur(x, f, padding=(k + 1) // 2)
+        return F.conv2d(x, w, stride=2, groups=groups)  # [B, O, H/2, W/2]
+    return F.conv2d(x, w, padding=k // 2, groups=groups)
+
+
+def modulated_conv2d(x, weight, styles, demodulate=True, up=1, f=None, fused=False):
+    """StyleGAN2 modulated convolution (Karras et al. 2020, Eq. 1-3), batched.
+
+    fused=False (training): scale the input by the styles, one shared conv, scale the output by the
+    demodulation coefficients; its backward is fast in cuDNN/oneDNN (the official training path).
+    fused=True (inference): per-sample weights as one grouped conv over the batch.
+    x [B, I, H, W], weight [O, I, k, k], styles [B, I] -> [B, O, H', W'].
+    """
+    B, I = styles.shape
+    O, _, k, _ = weight.shape
+    w = weight.to(x.dtype)
+    styles = styles.to(x.dtype)
+    if demodulate:  # Eq. 3: sigma_j = sqrt(sum_{i,k} (s_i w_ijk)^2); via [B, I] @ [I, O]
+        dcoefs = (styles.square() @ w.square().sum([2, 3]).t() + 1e-8).rsqrt()  # [B, O]
+    if not fused:
+        x = x * styles.view(B, I, 1, 1)
+        x = conv2d_resample(x, w, f, up=up)
+        return x * dcoefs.view(B, O, 1, 1) if demodulate else x
+    w = w.unsqueeze(0) * styles.view(B, 1, I, 1, 1)  # [B, O, I, k, k]
+    if demodulate:
+        w = w * dcoefs.view(B, O, 1, 1, 1)
+    x = conv2d_resample(x.reshape(1, B * I, *x.shape[2:]), w.reshape(B * O, I, k, k), f, up=up, groups=B)
+    return x.reshape(B, O, *x.shape[2:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Equalized-learning-rate layers: weights stored N(0, 1), scaled by He's constant at run time.
+
+class FC(nn.Module):
+    def __init__(self, cin, cout, act=False, bias_init=0.0, lr_mul=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin) / lr_mul)
+        self.bias = nn.Parameter(torch.full([cout], float(bias_init)))
+        self.act, self.weight_gain, self.lr_mul = act, lr_mul / math.sqrt(cin), lr_mul
+
+    def forward(self, x):  # [B, cin] -> [B, cout]
+        w = (self.weight * self.weight_gain).to(x.dtype)
+        b = (self.bias * self.lr_mul).to(x.dtype)
+        if not self.act:
+            return torch.addmm(b, x, w.t())
+        return bias_act(x @ w.t(), b)
+
+
+class Conv(nn.Module):
+    """Conv + bias + leaky ReLU (D and the spatial encoders). `attn` replaces the convolution by
+    SAN self-attention ('self') or reference-attention ('ref'), keeping bias and activation."""
+
+    def __init__(self, cin, cout, k, act=True, bias=True, down=1, conv_clamp=None, attn=None, ref_eq=8):
+        super().__init__()
+        if attn is None:
+            self.weight = nn.Parameter(torch.randn(cout, cin, k, k))
+            self.weight_gain = 1 / math.sqrt(cin * k * k)
+        elif attn == 'self':
+            self.attn = attention.SAN(cin)
+        else:
+            self.attn = attention.RefAttention(cin, eq=ref_eq)
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+        self.act, self.down, self.conv_clamp, self.kind = act, down, conv_clamp, attn
+        self.register_buffer('f', fir_filter(), persistent=False)
+
+    def forward(self, x, gain=1.0, ref=None):
+        if self.kind is None:
+            x = conv2d_resample(x, (self.weight * self.weight_gain).to(x.dtype), self.f, down=self.down)
+        elif self.kind == 'self':
+            x = self.attn(x)
+        else:
+            x = self.attn(x, ref)  # Eq. 2.8
+        clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
+        return bias_act(x, self.bias, act=self.act, gain=gain, clamp=clamp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generator
+
+class MappingNetwork(nn.Module):
+    """z -> w: 2nd-moment normalisation, `layers` FC layers with lr multiplier 0.01; tracks w_avg."""
+
+    def __init__(self, z_dim, w_dim, num_ws, layers=8, lr_mul=0.01, w_avg_beta=0.995, extra_dim=0):
+        super().__init__()
+        self.num_ws, self.layers, self.w_avg_beta = num_ws, layers, w_avg_beta
+        for i in range(layers):  # extra_dim: the flattened heatmap of the EqGAN-SA 'flatten' ablation
+            setattr(self, f'fc{i}', FC((z_dim + extra_dim) if i == 0 else w_dim, w_dim, act=True, lr_mul=lr_mul))
+        self.register_buffer('w_avg', torch.zeros(w_dim))
+
+    def forward(self, z, psi=1.0, cutoff=None, update_w_avg=False, extra=None):
+        x = z * (z.square().mean(1, keepdim=True) + 1e-8).rsqrt()  # [B, z_dim]
+        if extra is not None:
+            x = torch.cat([x, extra * (extra.square().mean(1, keepdim=True) + 1e-8).rsqrt()], 1)
+        for i in range(self.layers):
+            x = getattr(self, f'fc{i}')(x)  # [B, w_dim]
+        if update_w_avg:
+            self.w_avg.copy_(x.detach().float().mean(0).lerp(self.w_avg, self.w_avg_beta))
+        ws = x.unsqueeze(1).repeat(1, self.num_ws, 1)  # [B, num_ws, w_dim]
+        if psi != 1:  # truncation trick, on the first `cutoff` layers (all by default)
+            n = self.num_ws if cutoff is None else cutoff
+            ws[:, :n] = self.w_avg.to(ws.dtype).lerp(ws[:, :n], psi)
+        return ws
+
+
+class SynthesisLayer(nn.Module):
+    """Modulated 3x3 conv (or a self-attention module in its place), noise, bias, leaky ReLU."""
+
+    def __init__(self, cin, cout, w_dim, res, up=1, conv_clamp=None, attn='none'):
+        super().__init__()
+        if attn == 'none':
+            self.affine = FC(w_dim, cin, bias_init=1)  # styles start at 1
+            self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3))
+        else:  # thesis Sec. 2.3.2: the attention replaces the convolution of this layer
+            assert cin == cout and up == 1
+            self.attn = attention.self_attention(attn, cin)
+        self.noise_strength = nn.Parameter(torch.zeros([]))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        self.register_buffer('noise_const', torch.randn(res, res))
+        self.register_buffer('f', fir_filter(), persistent=False)
+        self.up, self.res, self.conv_clamp, self.kind = up, res, conv_clamp, attn
+
+    def forward(self, x, w, noise_mode='random', fused=False, noise=None):
+        if self.kind == 'none':
+            x = modulated_conv2d(x, self.weight, self.affine(w), up=self.up, f=self.f, fused=fused)
+        else:
+            x = self.attn(x)  # residual inside (Eq. 2.7)
+        if noise is not None:  # given by the caller, e.g. train.py's per-step generator; [B, 1, res, res]
+            x = x + noise.to(x.dtype) * self.noise_strength
+        elif noise_mode == 'random':  # added after the conv, before bias and activation
+            x = x + torch.randn(x.shape[0], 1, self.res, self.res, device=x.device, dtype=x.dtype) * self.noise_strength
+        elif noise_mode == 'const':
+            x = x + (self.noise_const * self.noise_strength).to(x.dtype)
+        return bias_act(x, self.bias, clamp=self.conv_clamp)
+
+
+class ToRGB(nn.Module):
+    """1x1 modulated conv without demodulation, styles scaled by 1/sqrt(C_in)."""
+
+    def __init__(self, cin, w_dim, conv_clamp=None):
+        super().__init__()
+        self.affine = FC(w_dim, cin, bias_init=1)
+        self.weight = nn.Parameter(torch.randn(3, cin, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(3))
+        self.weight_gain, self.conv_clamp = 1 / math.sqrt(cin), conv_clamp
+
+    def forward(self, x, w, fused=False):
+        styles = self.affine(w) * self.weight_gain
+        x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused=fused)
+        return bias_act(x, self.bias, act=False, clamp=self.conv_clamp)
+
+
+class SynthesisBlock(nn.Module):
+    """One resolution of the skip generator: [const | up-conv0], conv1, toRGB added to the
+    upsampled image. With SEL, a spatial encoding layer precedes each conv and the toRGB."""
+
+    def __init__(self, cin, cout, w_dim, res, conv_clamp=None, attn='none', sel=None):
+        super().__init__()
+        self.cin, self.res, self.num_conv = cin, res, (1 if cin == 0 else 2)
+        if cin == 0:
+            self.const = nn.Parameter(torch.randn(cout, 4, 4))
+        else:
+            self.conv0 = SynthesisLayer(cin, cout, w_dim, res, up=2, conv_clamp=conv_clamp)
+        self.conv1 = SynthesisLayer(cout, cout, w_dim, res, conv_clamp=conv_clamp, attn=attn)
+        self.torgb = ToRGB(cout, w_dim, conv_clamp=conv_clamp)
+        self.sel = sel
+        self.register_buffer('f', fir_filter(), persistent=False)
+
+    def forward(self, x, img, ws, noise_mode='random', fused=False, hfeat=None, noise=(None, None)):
+        # ws [B, num_conv + 1, w_dim]; noise: one [B, 1, res, res] tensor (or None) per conv
+        if self.cin == 0:
+            x = self.const.to(ws.dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1)  # [B, C, 4, 4]
+        else:
+            x = self.conv0(x, ws[:, 0], noise_mode, fused, noise[0])  # [B, C, res, res]
+        if self.sel is not None:
+            x = self.sel[0](x, hfeat)
+        x = self.conv1(x, ws[:, self.num_conv - 1], noise_mode, fused, noise[-1])
+        if self.sel is not None:
+            x = self.sel[1](x, hfeat)
+        y = self.torgb(x, ws[:, self.num_conv], fused)  # [B, 3, res, res]
+        img = y if img is None else upsample2d(img, self.f) + y
+        return x, img
+
+
+def channels_per_res(channel_base, channel_max, resolution):
+    return {r: min(channel_base // r, channel_max) for r in [2 ** i for i in range(2, int(math.log2(resolution)) + 1)]}
+
+
+class Generator(nn.Module):
+    """StyleGAN2 skip generator. G(z) samples images; G.mapping / G.synthesis expose the two halves."""
+
+    def __init__(self, resolution, z_dim=512, w_dim=512, channel_base=16384, channel_max=512, map_layers=8,
+                 conv_clamp=None, g_attn='none', g_attn_res=32, sel='none', heatmap='hier'):
+        super().__init__()
+        log2 = math.log2(resolution)
+        if resolution < 8 or log2 != int(log2):
+            raise ValueError(f'resolution {resolution} is not a power of two >= 8; use e.g. 32, 64 or 256')
+        if g_attn != 'none' and not (8 <= g_attn_res <= resolution):
+            raise ValueError(f'--g-attn-res {g_attn_res} is not a G resolution; use a power of two in [8, {resolution}]')
+        self.z_dim, self.w_dim, self.img_resolution = z_dim, w_dim, resolution
+        ch = channels_per_res(channel_base, channel_max, resolution)
+        self.spatial = make_spatial_encoding(sel, heatmap, resolution, ch)  # None without EqGAN-SA
+        self.synthesis = nn.Module()
+        self.res_list = sorted(ch)
+        for res in self.res_list:
+            sel_layer = self.spatial.sel_for(res) if self.spatial is not None else None
+            block = SynthesisBlock(ch[res // 2] if res > 4 else 0, ch[res], w_dim, res, conv_clamp,
+                                   attn=g_attn if res == g_attn_res else 'none', sel=sel_layer)
+            setattr(self.synthesis, f'b{res}', block)
+        self.num_ws = 2 * int(log2) - 2
+        extra = self.spatial.flat_dim if self.spatial is not None else 0
+        self.mapping = MappingNetwork(z_dim, w_dim, self.num_ws, map_layers, extra_dim=extra)
+
+    @property
+    def uses_heatmaps(self):
+        return self.spatial is not None
+
+    def sample_heatmaps(self, batch, device, generator=None):
+        return self.spatial.sample(batch, device, generator) if self.spatial is not None else None
+
+    def map(self, z, psi=1.0, cutoff=None, update_w_avg=False, heatmaps=None):
+        extra = self.spatial.flat(heatmaps) if self.spatial is not None else None
+        return self.mapping(z, psi, cutoff, update_w_avg, extra)
+
+    @property
+    def noise_res(self):
+        """The resolution of each noise input, in the order synthesize() consumes a `noise` list."""
+        return [r for r in self.res_list for _ in range(1 if r == 4 else 2)]
+
+    def synthesize(self, ws, noise_mode='random', fused=None, heatmaps=None, noise=None):
+        """ws [B, num_ws, w_dim] -> images [B, 3, R, R]. fused defaults to the grouped conv in eval.
+        noise: optional list of [B, 1, r, r] tensors for r in noise_res (else per noise_mode)."""
+        fused = (not self.training) if fused is None else fused
+        hfeats = self.spatial.encode(heatmaps) if self.spatial is not None else {}
+        x = img = None
+        w_idx = n_idx = 0
+        for res in self.res_list:
+            block = getattr(self.synthesis, f'b{res}')
+            block_noise = noise[n_idx:n_idx + block.num_conv] if noise is not None else (None, None)
+            x, img = block(x, img, ws[:, w_idx:w_idx + block.num_conv + 1], noise_mode, fused, hfeats.get(res), block_noise)
+            w_idx += block.num_conv
+            n_idx += block.num_conv
+        return img
+
+    def forward(self, z, psi=1.0, cutoff=None, noise_mode='random', heatmaps=None, mix_z=None, mix_cutoff=None,
+                update_w_avg=False, return_ws=False, noise=None):
+        """z [B, z_dim] -> images [B, 3, R, R] (and ws). Style mixing: layers >= mix_cutoff (a 0-dim
+        tensor, so no host sync) take their w from mix_z. Heatmaps are sampled when G needs them."""
+        if self.spatial is not None and heatmaps is None:
+            heatmaps = self.sample_heatmaps(z.shape[0], z.device)
+        ws = self.map(z, psi, cutoff, update_w_avg, heatmaps)  # [B, num_ws, w_dim]
+        if mix_z is not None:
+            layer = torch.arange(self.num_ws, device=z.device).view(1, -1, 1)
+            ws = torch.where(layer < mix_cutoff, ws, self.map(mix_z, psi, cutoff, heatmaps=heatmaps))
+        img = self.synthesize(ws, noise_mode, heatmaps=heatmaps, noise=noise)
+        return (img, ws) if return_ws else img
+
+
+# ----------------------------------------------------------------------------------------------
+# Discriminator
+
+class DiscriminatorBlock(nn.Module):
+    """Residual D block: conv0 (or attention), stride-2 conv1, 1x1 stride-2 skip; both paths x sqrt(.5)."""
+
+    def __init__(self, cin, tmp, cout, conv_clamp=None, attn=None, ref_eq=8):
+        super().__init__()
+        self.first = cin == 0
+        if self.first:
+            self.fromrgb = Conv(3, tmp, 1, conv_clamp=conv_clamp)
+        self.conv0 = Conv(tmp, tmp, 3, conv_clamp=conv_clamp, attn=attn, ref_eq=ref_eq)
+        self.conv1 = Conv(tmp, cout, 3, down=2, conv_clamp=conv_clamp)
+        self.skip = Conv(tmp, cout, 1, act=False, bias=False, down=2)
+
+    def forward(self, x, img=None, ref=None):
+        if self.first:
+            x = self.fromrgb(img)
+        y = self.skip(x, gain=math.sqrt(0.5))
+        x = self.conv0(x, ref=ref)
+        x = self.conv1(x, gain=math.sqrt(0.5))
+        return y + x  # [B, cout, res/2, res/2]
+
+
+def minibatch_std(x, group_size, num_channels=1):
+    """Std of each feature over groups of `group_size` consecutive samples, appended as a channel.
+    Groups are contiguous (the official code strides): a rank's slice of a DDP batch then forms
+    the same groups as in a single-process run with the same global batch."""
+    N, C, H, W = x.shape
+    G = min(group_size, N)
+    assert N % G == 0, f'batch {N} must be a multiple of the minibatch-std group {G}'
+    y = x.float().reshape(N // G, G, num_channels, C // num_channels, H, W)
+    y = (y.var(dim=1, unbiased=False) + 1e-8).sqrt()  # [n, F, c, H, W]
+    y = y.mean(dim=[2, 3, 4])  # [n, F]
+    y = y.repeat_interleave(G, 0).reshape(N, num_channels, 1, 1).expand(N, num_channels, H, W)
+    return torch.cat([x, y.to(x.dtype)], 1)  # [N, C + F, H, W]
+
+
+class DiscriminatorEpilogue(nn.Module):
+    def __init__(self, cin, mbstd_group=4, conv_clamp=None):
+        super().__init__()
+        self.mbstd_group = mbstd_group
+        self.conv = Conv(cin + 1, cin, 3, conv_clamp=conv_clamp)
+        self.fc = FC(cin * 16, cin, act=True)
+        self.out = FC(cin, 1)
+
+    def forward(self, x):
+        x = self.conv(minibatch_std(x, self.mbstd_group))  # [B, C, 4, 4]
+        feat = self.fc(x.flatten(1))  # [B, C]: the "last-layer features" of FDDF (thesis Table 2.2)
+        return self.out(feat).squeeze(1), feat
+
+
+class Discriminator(nn.Module):
+    """Residual StyleGAN2 D. d_attn='self' puts SAN in place of conv0 of block b{d_attn_res};
+    d_attn='ref' makes D Siamese: D(primary, reference) runs both images through the shared layers
+    above that block, fuses them there by reference-attention (Eq. 2.8), and continues once."""
+
+    def __init__(self, resolution, channel_base=16384, channel_max=512, mbstd_group=4, conv_clamp=None,
+                 d_attn='none', d_attn_res=8, ref_attn_eq=8):
+        super().__init__()
+        if d_attn != 'none' and not (8 <= d_attn_res <= resolution):
+            raise ValueError(f'--d-attn-res {d_attn_res} is not a D resolution; use a power of two in [8, {resolution}]')
+        ch = channels_per_res(channel_base, channel_max, resolution)
+        self.res_list = sorted((r for r in ch if r >= 8), reverse=True)
+        self.needs_ref, self.attn_res = d_attn == 'ref', d_attn_res
+        for res in self.res_list:
+            attn = {'none': None, 'self': 'self', 'ref': 'ref'}[d_attn] if res == d_attn_res else None
+            block = DiscriminatorBlock(ch[res] if res < resolution else 0, ch[res], ch[res // 2],
+                                       conv_clamp, attn=attn, ref_eq=ref_attn_eq)
+            setattr(self, f'b{res}', block)
+        self.b4 = DiscriminatorEpilogue(ch[4], mbstd_group, conv_clamp)
+
+    def forward(self, img, ref=None, return_features=False, return_maps=False):
+        """img [B, 3, R, R] (and ref, the same shape, when needs_ref) -> logits [B]
+        (+ last-layer features [B, C]) (+ {res: block output} for GradCAM, when asked)."""
+        if self.needs_ref:
+            if ref is None:
+                raise ValueError('this D has reference-attention: call D(img, ref) with a batch of real references')
+            img = torch.cat([img, ref])  # Siamese: one pass of the shared layers for both
+        B = img.shape[0] // (2 if self.needs_ref else 1)
+        x, maps = None, {}
+        for res in self.res_list:
+            block = getattr(self, f'b{res}')
+            if self.needs_ref and res == self.attn_res:
+                x = block(x[:B], ref=x[B:])  # Eq. 2.8: the streams fuse here
+            else:
+                x = block(x, img)
+            maps[res // 2] = x
+        logits, feat = self.b4(x)
+        out = (logits, feat) if return_features else (logits,)
+        return (*out, maps) if return_maps else (out[0] if len(out) == 1 else out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building networks from the training flags, and loading checkpoints written by train.py
+
+ARCH_KEYS = ('resolution', 'z_dim', 'w_dim', 'channel_base', 'channel_max', 'map_layers', 'mbstd_group', 'conv_clamp',
+             'g_attn', 'g_attn_res', 'd_attn', 'd_attn_res', 'ref_attn_eq', 'sel', 'heatmap')
+
+
+def build_networks(a):
+    """(G, D) from a dict holding ARCH_KEYS (train.py's flags, or a checkpoint's 'args')."""
+    G = Generator(a['resolution'], a['z_dim'], a['w_dim'], a['channel_base'], a['channel_max'], a['map_layers'],
+                  a['conv_clamp'], a['g_attn'], a['g_attn_res'], a['sel'], a['heatmap'])
+    D = Discriminator(a['resolution'], a['channel_base'], a['channel_max'], a['mbstd_group'], a['conv_clamp'],
+                      a['d_attn'], a['d_attn_res'], a['ref_attn_eq'])
+    return G, D
+
+
+def load_checkpoint(path, device='cpu'):
+    """{'G', 'D', 'G_ema', 'args', 'step', 'nimg'} from a train.py checkpoint (weights_only: no pickled code)."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(ckpt, dict) or 'args' not in ckpt or 'G_ema' not in ckpt:
+        raise ValueError(f'{path} is not a checkpoint of this project; pass a ckpt-*.pt written by train.py')
+    out = dict(args=ckpt['args'], step=ckpt['step'], nimg=ckpt['nimg'])
+    G, D = build_networks(ckpt['args'])
+    for key, net in [('G', G), ('D', D), ('G_ema', copy.deepcopy(G))]:
+        net.load_state_dict(ckpt[key])
+        out[key] = net.to(device).eval().requires_grad_(False)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# EqGAN-SA: hierarchical heatmaps and spatial encoding layers (Wang et al., CVPR 2022, Sec. 3.1, 4.1)
+#
+# A heatmap dict holds 'centers' [B, K, 2] ((x, y) in [0, 1] image units, x to the right, y down;
+# K = 1 + 2 (+ 4)) and one map per level, 'h4' / 'h8' / 'h16': [B, 1, r, r] (levels above the G
+# resolution are dropped). 'noise' heatmaps have no centres: only the maps.
+
+SEL_KINDS = ('none', 'norm', 'concat', 'flatten')
+HEATMAP_KINDS = ('hier', 'nonhier', 'noise')
+HEAT_LEVELS = ((4, 1), (8, 2), (16, 4))  # (resolution, number of Gaussian centres), Sec. 4.1
+# The paper only says the spread shrinks level by level; we take one cell of each level's own grid
+# (1/4, 1/8, 1/16 of the image): one blob covers the 4x4 map, finer blobs mark smaller parts.
+HEAT_SIGMAS = (1 / 4, 1 / 8, 1 / 16)
+HEAT_HIDDEN = 32  # channels of the shared heatmap encoder (SPADE's mlp_shared, made lighter)
+
+
+def truncated_normal(u, mean, std, lo=0.0, hi=1.0):
+    """N(mean, std^2) restricted to [lo, hi] from u ~ U(0, 1) by the inverse CDF: the exact law of
+    "re-draw while outside the image" (Sec. 4.1), vectorised, one uniform per draw."""
+    cdf = lambda t: 0.5 * (1 + math.erf((t - mean) / (std * SQRT2)))
+    p = cdf(lo) + u * (cdf(hi) - cdf(lo))
+    return (mean + std * torch.special.ndtri(p)).clamp(lo, hi)
+
+
+class SELNorm(nn.Module):
+    """Eq. 3: SEL_norm(F, H) = phi_sigma(H) (F - mu(F)) / sigma(F) + phi_mu(H), with a residual
+    (Fig. 4): out = F + alpha * SEL_norm(F, H). mu, sigma: per-sample, per-channel (instance norm);
+    phi_sigma = 1 + conv3x3(h), phi_mu = conv3x3(h): one-channel (h, w, 1) maps from the shared
+    encoding h of the heatmap (SPADE-style; "1 +" as in SPADE and the authors' code). alpha is a
+    per-channel gain starting at 0 (ReZero): at init the layer is exactly the identity, so G starts as
+    the StyleGAN2 baseline, and alpha gets gradients at once. The authors' code instead adds
+    0.1 * conv3x3(lrelu(.)), a C x C conv per SEL (+2.4M parameters per SEL at 512 channels)."""
+
+    def __init__(self, channels, hidden=HEAT_HIDDEN):
+        super().__init__()
+        self.gamma = Conv(hidden, 1, 3, act=False)
+        self.beta = Conv(hidden, 1, 3, act=False)
+        self.alpha = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x, h):  # x [B, C, r, r], h [B, hidden, r, r]
+        xf = x.float()  # statistics in fp32 under mixed precision
+        x_hat = (xf - xf.mean([2, 3], keepdim=True)) * (xf.var([2, 3], keepdim=True, unbiased=False) + 1e-5).rsqrt()
+        y = (1 + self.gamma(h).float()) * x_hat + self.beta(h).float()  # Eq. 3, [B, C, r, r]
+        return x + (self.alpha.view(1, -1, 1, 1) * y).to(x.dtype)
+
+
+class SELConcat(nn.Module):
+    """SEL_concat: out = F + alpha * lrelu(conv1x1([F, h])), h the encoded heatmap concatenated to the
+    features; alpha per channel, starting at 0 (identity at init). 1x1 rather than 3x3: h already has
+    a 3x3 receptive field, and a 3x3 conv over C + hidden channels would cost as much as a synthesis conv."""
+
+    def __init__(self, channels, hidden=HEAT_HIDDEN):
+        super().__init__()
+        self.conv = Conv(channels + hidden, channels, 1)
+        self.alpha = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x, h):  # x [B, C, r, r], h [B, hidden, r, r]
+        y = self.conv(torch.cat([x, h.to(x.dtype)], 1))  # [B, C, r, r]
+        return x + self.alpha.to(x.dtype).view(1, -1, 1, 1) * y
+
+
+class SpatialEncoding(nn.Module):
+    """Heatmap sampling (Sec. 3.1 Eq. 2, Sec. 4.1) and the heatmap encoders of G.
+
+    heatmap='hier' (default): level-0 centre ~ N((1/2, 1/2), (1/3)^2) re-drawn while outside the image
+      (exactly, by truncated_normal); level-1/2 centres ~ N(level-0 centre, (1/6)^2), left untruncated
+      (the paper only re-draws level 0; a finer blob may lie partly outside the image);
+    'nonhier' (Table 3 "Non-Hie"): every centre drawn independently like level 0;
+    'noise' (Table 3 "Gau. Noise"): N(0, 1) maps, no centres.
+    Each level's map H = sum_i exp(-|p - c_i|^2 / (2 s^2)) (Eq. 2 with peak 1 instead of the density's
+    normalisation; s from HEAT_SIGMAS) on the level's pixel centres p = (j + 0.5) / r.
+    sel='norm' / 'concat': SELs in the G blocks at 4, 8, 16 (the levels; Sec. 4.1 encodes only these),
+    one after conv0 (or the const) and one after conv1; sel='flatten' (Table 4): no SEL, the flattened
+    maps join z at the mapping network's input."""
+
+    def __init__(self, sel, heatmap, resolution, channels, hidden=HEAT_HIDDEN):
+        super().__init__()
+        self.sel, self.mode, self.hidden, self.channels = sel, heatmap, hidden, dict(channels)
+        self.levels = [(r, n, s) for (r, n), s in zip(HEAT_LEVELS, HEAT_SIGMAS) if r <= resolution]
+        self.num_centers = sum(n for _, n, _ in self.levels)
+        self.flat_dim = sum(r * r for r, _, _ in self.levels) if sel == 'flatten' else 0
+        if sel in ('norm', 'concat'):  # shared per level: computed once per forward, used by both SELs
+            self.enc = nn.ModuleDict({str(r): Conv(1, hidden, 3) for r, _, _ in self.levels})
+
+    def sample(self, batch, device, generator=None):
+        """A batch of heatmaps: {'centers': [B, K, 2], 'h4': [B, 1, 4, 4], ...}, all from `generator`."""
+        if self.mode == 'noise':
+            return {f'h{r}': torch.randn([batch, 1, r, r], generator=generator, device=device) for r, _, _ in self.levels}
+        u = torch.rand([batch, self.num_centers, 2], generator=generator, device=device)
+        n = torch.randn([batch, self.num_centers, 2], generator=generator, device=device)  # drawn in every mode
+        c0 = truncated_normal(u[:, :1], 0.5, 1 / 3)  # [B, 1, 2], Sec. 4.1: mean (h/2, w/2), std (h/3, w/3)
+        if self.mode == 'hier':
+            rest = c0 + n[:, 1:] / 6  # [B, K-1, 2]: mean c0, std (h/6, w/6)
+        else:
+            rest = truncated_normal(u[:, 1:], 0.5, 1 / 3)
+        return self.render(torch.cat([c0, rest], 1))
+
+    def render(self, centers):
+        """The heatmap dict for given centres [B, K, 2] (x, y in [0, 1]): level 0 is centres[:, :1],
+        level 1 centres[:, 1:3], level 2 centres[:, 3:7]."""
+        if self.mode == 'noise':
+            raise ValueError("--heatmap noise has no centres to render or move; use --heatmap hier or nonhier")
+        if centers.ndim != 3 or centers.shape[1:] != (self.num_centers, 2):
+            raise ValueError(f'centers must be [B, {self.num_centers}, 2] (x, y in [0, 1]); got {list(centers.shape)}')
+        out, i = {'centers': centers}, 0
+        for r, n, s in self.levels:
+            c = centers[:, i:i + n].float()  # [B, n, 2]
+            grid = (torch.arange(r, device=c.device, dtype=torch.float32) + 0.5) / r  # [r] pixel centres
+            gx = torch.exp(-(grid - c[..., 0:1]).square() / (2 * s * s))  # [B, n, r] along x (columns)
+            gy = torch.exp(-(grid - c[..., 1:2]).square() / (2 * s * s))  # [B, n, r] along y (rows)
+            out[f'h{r}'] = (gy.unsqueeze(3) * gx.unsqueeze(2)).sum(1, keepdim=True)  # Eq. 2: H = sum_i H_i, [B, 1, r, r]
+            i += n
+        return out
+
+    def shift(self, centers, dx, dy, level=0):
+        """Centres with those of `level` moved by (dx, dy) (image units); moving level 0 of 'hier'
+        heatmaps moves the finer centres with it (they were drawn around it, Sec. 4.1). dx, dy: floats
+        or [B] tensors (e.g. target - centers[:, 0, 0] to place level 0 at a given point)."""
+        starts = np.cumsum([0] + [n for _, n, _ in self.levels])
+        lo, hi = starts[level], (starts[-1] if level == 0 and self.mode == 'hier' else starts[level + 1])
+        d = torch.stack(torch.broadcast_tensors(*[torch.as_tensor(v, dtype=centers.dtype, device=centers.device)
+                                                  for v in (dx, dy)]), -1)  # [2] or [B, 2]
+        out = centers.clone()
+        out[:, lo:hi] += d.view(-1, 1, 2)
+        return out
+
+    def flat(self, heatmaps):
+        """'flatten' (Table 4): the maps as one vector [B, flat_dim] for the mapping network, else None."""
+        if self.sel != 'flatten':
+            return None
+        return torch.cat([heatmaps[f'h{r}'].flatten(1) for r, _, _ in self.levels], 1)
+
+    def encode(self, heatmaps):
+        """{res: h [B, hidden, res, res]}: the shared 3x3 conv + lrelu of phi_sigma / phi_mu (SPADE)."""
+        if self.sel == 'flatten':
+            return {}
+        return {r: self.enc[str(r)](heatmaps[f'h{r}']) for r, _, _ in self.levels}
+
+    def sel_for(self, res):
+        """New [SEL after conv0 / const, SEL after conv1] for the G block at res, or None."""
+        if self.sel == 'flatten' or res not in [r for r, _, _ in self.levels]:
+            return None
+        kind = SELNorm if self.sel == 'norm' else SELConcat
+        return nn.ModuleList([kind(self.channels[res], self.hidden) for _ in range(2)])
+
+
+def make_spatial_encoding(sel, heatmap, resolution, channels):
+    """The EqGAN-SA module of G (a SpatialEncoding), or None for sel='none'."""
+    if sel not in SEL_KINDS:
+        raise ValueError(f'unknown --sel {sel!r}; choose one of {", ".join(SEL_KINDS)}')
+    if sel == 'none':
+        return None
+    if heatmap not in HEATMAP_KINDS:
+        raise ValueError(f'unknown --heatmap {heatmap!r}; choose one of {", ".join(HEATMAP_KINDS)}')
+    return SpatialEncoding(sel, heatmap, resolution, channels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: parameter counts, samples, heatmap editing (EqGAN-SA Fig. 5), attention maps (Fig. 2.5)
+
+def count_flops(net, *inputs):
+    """FLOPs (2 x multiply-accumulates of conv/matmul ops, torch's FlopCounterMode) of one forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        net(*inputs)
+    return fc.get_total_flops()
+
+
+def complexity_table(resolution=256, channel_base=16384):
+    """Parameters and GFLOPs (per image) of G and D for the baseline and each attention option."""
+    base = dict(resolution=resolution, z_dim=512, w_dim=512, channel_base=channel_base, channel_max=512, map_layers=8,
+                mbstd_group=4, conv_clamp=None, g_attn='none', g_attn_res=32, d_attn='none', d_attn_res=8, ref_attn_eq=8,
+                sel='none', heatmap='hier')
+    rows = [('StyleGAN2', {})] + [(f'+ {k.upper()} in G', dict(g_attn=k)) for k in ('san', 'sagan', 'dfn', 'vt')] + \
+           [('+ self-attn in D', dict(d_attn='self')), ('+ ref-attn in D', dict(d_attn='ref')), ('+ SEL_norm', dict(sel='norm'))]
+    out = []
+    for name, kw in rows:
+        torch.manual_seed(0)
+        G, D = build_networks({**base, **kw})
+        G.eval()
+        z, img = torch.randn(1, 512), torch.randn(1, 3, resolution, resolution)
+        d_in = (img, img) if D.needs_ref else (img,)
+        n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+        out.append((name, n(G), n(D), count_flops(G, z) / 1e9, count_flops(D, *d_in) / 1e9))
+    return out
+
+
+def parse_seeds(s):
+    """'0-3,7' -> [0, 1, 2, 3, 7]"""
+    seeds = []
+    for part in s.split(','):
+        a, _, b = part.partition('-')
+        seeds += list(range(int(a), int(b or a) + 1))
+    return seeds
+
+
+def save_image_grid(images, path, cols):
+    """uint8 [N, 3, H, W] -> one PNG, `cols` images per row."""
+    from PIL import Image
+    N, _, H, W = images.shape
+    rows = math.ceil(N / cols)
+    grid = torch.zeros(rows * cols, 3, H, W, dtype=torch.uint8)
+    grid[:N] = images
+    grid = grid.view(rows, cols, 3, H, W).permute(0, 3, 1, 4, 2).reshape(rows * H, cols * W, 3)
+    Image.fromarray(grid.numpy()).save(path)
+
+
+def to_uint8(img):
+    return (img * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu()
+
+
+def attention_maps(G, z, points, heatmaps=None):
+    """Thesis Fig. 2.5: for each image and point (x, y in [0, 1]), the norm over channels of SAN's
+    per-position weight kernel w (s x s), drawn as a red overlay around the point. [N, 3, R, R]."""
+    san = [m for m in G.modules() if isinstance(m, attention.SAN)]
+    if not san:
+        raise ValueError('this generator has no SAN layer: train with --g-attn san to draw attention maps')
+    seen = {}
+    hook = san[0].register_forward_hook(lambda m, inp, out: seen.update(w=m.forward(inp[0], return_weights=True)[1]))
+    img = G(z, noise_mode='const', heatmaps=heatmaps)
+    hook.remove()
+    w = seen['w'].float()  # [N, groups, s*s, h, w]
+    N, _, ss, h, wd = w.shape
+    s, R = int(math.isqrt(ss)), img.shape[-1]
+    out = to_uint8(img).float()
+    for x, y in points:
+        i, j = min(int(y * h), h - 1), min(int(x * wd), wd - 1)
+        m = w[:, :, :, i, j].norm(dim=1).view(N, 1, s, s)  # norm over channel groups per offset
+        m = m / m.amax(dim=[2, 3], keepdim=True).clamp_min(1e-8)
+        canvas = torch.zeros(N, 1, h + s - 1, wd + s - 1)  # place the s x s map around (i, j)
+        canvas[:, :, i:i + s, j:j + s] = m
+        canvas = canvas[:, :, s // 2:s // 2 + h, s // 2:s // 2 + wd]
+        a = F.interpolate(canvas, size=(R, R), mode='bilinear', align_corners=False)
+        out = out * (1 - 0.6 * a) + 0.6 * a * torch.tensor([255.0, 0, 0]).view(1, 3, 1, 1)
+        py, px = min(int(y * R), R - 1), min(int(x * R), R - 1)
+        out[:, :, max(py - 1, 0):py + 2, max(px - 1, 0):px + 2] = torch.tensor([0.0, 255, 0]).view(1, 3, 1, 1)
+    return out.clamp(0, 255).to(torch.uint8)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='Parameter counts (no CKPT), or samples / edits / attention maps from a checkpoint.')
+    p.add_argument('ckpt', nargs='?', help='checkpoint written by train.py (ckpt-*.pt)')
+    p.add_argument('--seeds', default='0-15', help="latent seeds, e.g. '0-15' or '1,5,9'")
+    p.add_argument('--trunc', type=float, default=1.0, help='truncation psi (1 = none)')
+    p.add_argument('--trunc-cutoff', type=int, help='truncate only the first N ws')
+    p.add_argument('--out', default='samples.png', help='output PNG')
+    p.add_argument('--heatmap-centers', help="EqGAN-SA editing: level-0 heatmap centre 'x,y' in [0, 1] (default: sampled)")
+    p.add_argument('--move', help="EqGAN-SA editing: move the heatmaps by 'dx,dy' (image fractions) over --steps columns")
+    p.add_argument('--steps', type=int, default=5, help='columns of the editing grid')
+    p.add_argument('--attn-maps', action='store_true', help='SAN attention maps around --points (thesis Fig. 2.5)')
+    p.add_argument('--points', default='0.3,0.3;0.7,0.6', help="points 'x,y;x,y' in [0, 1] for --attn-maps")
+    p.add_argument('--resolution', type=int, default=256, help='without CKPT: resolution of the table')
+    p.add_argument('--channel-base', type=int, default=16384, help='without CKPT: channel base (config E: 16384)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    a = p.parse_args(argv)
+    if a.ckpt is None:
+        print(f'config E widths (channel_base {a.channel_base}, channel_max 512, 8 mapping layers) at {a.resolution}x{a.resolution}')
+        print(f'{"":18s} {"G params":>9s} {"D params":>9s} {"total":>8s} {"G GFLOPs":>9s} {"D GFLOPs":>9s}')
+        for name, g, d, gf, df in complexity_table(a.resolution, a.channel_base):
+            print(f'{name:18s} {g:8.2f}M {d:8.2f}M {g + d:7.2f}M {gf:9.2f} {df:9.2f}')
+        return
+    dev = torch.device(a.device)
+    G = load_checkpoint(a.ckpt, dev)['G_ema']
+    seeds = parse_seeds(a.seeds)
+    z = torch.stack([torch.randn(G.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(dev)
+    gens = [torch.Generator(dev).manual_seed(s) for s in seeds]
+    heat = None
+    if G.uses_heatmaps:
+        hs = [G.sample_heatmaps(1, dev, g) for g in gens]
+        heat = {k: torch.cat([h[k] for h in hs]) for k in hs[0]}
+    with torch.no_grad():
+        if a.move or a.heatmap_centers:
+            if not G.uses_heatmaps:
+                raise SystemExit('error: this generator has no heatmap input: train with --sel norm to edit by heatmaps')
+            centers = heat['centers']  # [N, n, 2], x right, y down, in [0, 1]
+            if a.heatmap_centers:  # place level 0 there ('hier': the finer centres follow)
+                x, y = (float(v) for v in a.heatmap_centers.split(','))
+                centers = G.spatial.shift(centers, x - centers[:, 0, 0], y - centers[:, 0, 1])
+            dx, dy = (float(v) for v in (a.move or '0,0').split(','))
+            cols = []
+            for t in torch.linspace(0, 1, a.steps if a.move else 1).tolist():
+                h = G.spatial.render(G.spatial.shift(centers, t * dx, t * dy))
+                cols.append(to_uint8(G(z, psi=a.trunc, cutoff=a.trunc_cutoff, noise_mode='const', heatmaps=h)))
+            imgs = torch.stack(cols, 1).flatten(0, 1)  # rows: seeds, columns: heatmap positions
+            save_image_grid(imgs, a.out, len(cols))
+        elif a.attn_maps:
+            pts = [tuple(float(v) for v in q.split(',')) for q in a.points.split(';')]
+            save_image_grid(attention_maps(G, z, pts, heat), a.out, min(len(seeds), 8))
+        else:
+            img = to_uint8(G(z, psi=a.trunc, cutoff=a.trunc_cutoff, noise_mode='const', heatmaps=heat))
+            save_image_grid(img, a.out, min(len(seeds), 8))
+    print(f'wrote {a.out}')
+
+
+if __name__ == '__main__':
+    main()
