@@ -1,0 +1,697 @@
+"""Evaluation metrics of this project, and `python metrics.py CKPT` to evaluate a checkpoint.
+
+- FID (Heusel et al., NeurIPS 2017) with the FID InceptionV3 (the TF 2015-12-05 graph as ported by
+  pytorch-fid: its weights file loads here unchanged), computed the StyleGAN2 way (Karras et al.,
+  CVPR 2020): `fid50k_full` = 50k generated images against all real ones. Two Inception input
+  protocols: 'stylegan2' (the default, what the papers' tables used: uint8 images, TF1 bilinear
+  resize to 299 without half-pixel shift, (x - 128) / 128) and 'pytorch-fid' (F.interpolate bilinear,
+  align_corners=False, on [0, 1], then 2x - 1); they differ by about 0.08 FID.
+- KID (Binkowski et al., ICLR 2018), improved precision/recall (Kynkaanniemi et al., NeurIPS 2019;
+  on the Inception features: the paper's VGG16 weights are not available offline), PPL (StyleGAN,
+  Karras et al., CVPR 2019, in StyleGAN2's W-space end-point protocol; see `inception_distance`).
+- SWD, the sliced Wasserstein distance on Laplacian-pyramid patches (ProGAN, Karras et al., ICLR
+  2018, Appendix D), reported x 1e3 per level and averaged, as in ProGAN's tables.
+- DI, the disequilibrium indicator of EqGAN-SA (Wang et al., CVPR 2022, Sec. 4.1), and FDDF, the
+  Frechet distance of discriminator features (Yu, thesis Table 2.2; Yu et al., ICCV 2021).
+- `evaluate()`, the one entry point of train.py and of the CLI: work sharded over DDP ranks in
+  chunks seeded by (seed, chunk) so any number of GPUs gives the same numbers, real-image
+  features cached in memory and on disk, progress lines, and the sample counts printed.
+
+SWD, DI and FDDF need no downloaded weights. FID/KID/PR/PPL need pytorch-fid's Inception weights
+(FID_WEIGHTS_URL): `--fid-weights PATH`, else the torch hub cache, else a download (skipped when
+the environment variable METRICS_NO_DOWNLOAD is set); without them those metrics say so in one line.
+
+    python metrics.py CKPT --metrics fid50k_full,swd,di [--data PATH] [--fid-weights PATH] [--num-gen N]
+    torchrun --nproc_per_node=8 metrics.py CKPT --metrics fid50k_full
+"""
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
+                   'pt_inception-2015-12-05-6726825d.pth')
+PROTOCOLS = ('stylegan2', 'pytorch-fid')
+
+
+class MetricUnavailable(RuntimeError):
+    """A metric cannot run here (no Inception weights); the message is one line saying how to fix it."""
+
+# ----------------------------------------------------------------------------------------------
+# FID InceptionV3. The module names follow pytorch-fid (its state dict loads as is). Differences from
+# torchvision's Inception3, all from the TF graph: the pool branch of the A, C and E_1 blocks averages
+# without the padding (count_include_pad=False), that of E_2 (Mixed_7c) is a max pool; BN eps 1e-3.
+
+class _BN(nn.Module):  # inference BatchNorm without the num_batches_tracked buffer, absent from the weights file
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.register_buffer('running_mean', torch.zeros(c))
+        self.register_buffer('running_var', torch.ones(c))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 1e-3)
+
+
+class _Conv(nn.Module):  # conv (no bias) -> BN -> ReLU
+    def __init__(self, cin, cout, k, stride=1, padding=0):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(cin, cout, k, stride, padding, bias=False), _BN(cout)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool(x):  # TF's 3x3 average pool ignores the padded zeros
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+
+class _BlockA(nn.Module):  # Mixed_5b/c/d: 35x35
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.branch1x1 = _Conv(cin, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = _Conv(cin, 48, 1), _Conv(48, 64, 5, padding=2)
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = _Conv(cin, 64, 1), _Conv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = _Conv(96, 96, 3, padding=1)
+        self.branch_pool = _Conv(cin, pool, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(_avg_pool(x))], 1)
+
+
+class _BlockB(nn.Module):  # Mixed_6a: 35x35 -> 17x17
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = _Conv(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = _Conv(cin, 64, 1), _Conv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = _Conv(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, 2)], 1)
+
+
+class _BlockC(nn.Module):  # Mixed_6b-e: 17x17, factorised 7x7 convolutions with c7 channels
+    def __init__(self, cin, c7):
+        super().__init__()
+        row, col = dict(k=(1, 7), padding=(0, 3)), dict(k=(7, 1), padding=(3, 0))
+        self.branch1x1 = _Conv(cin, 192, 1)
+        self.branch7x7_1, self.branch7x7_2 = _Conv(cin, c7, 1), _Conv(c7, c7, **row)
+        self.branch7x7_3 = _Conv(c7, 192, **col)
+        self.branch7x7dbl_1, self.branch7x7dbl_2 = _Conv(cin, c7, 1), _Conv(c7, c7, **col)
+        self.branch7x7dbl_3, self.branch7x7dbl_4 = _Conv(c7, c7, **row), _Conv(c7, c7, **col)
+        self.branch7x7dbl_5 = _Conv(c7, 192, **row)
+        self.branch_pool = _Conv(cin, 192, 1)
+
+    def forward(self, x):
+        dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        return torch.cat([self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                          self.branch7x7dbl_5(self.branch7x7dbl_4(dbl)), self.branch_pool(_avg_pool(x))], 1)
+
+
+class _BlockD(nn.Module):  # Mixed_7a: 17x17 -> 8x8
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = _Conv(cin, 192, 1), _Conv(192, 320, 3, stride=2)
+        self.branch7x7x3_1, self.branch7x7x3_2 = _Conv(cin, 192, 1), _Conv(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3, self.branch7x7x3_4 = _Conv(192, 192, (7, 1), padding=(3, 0)), _Conv(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
+
+
+class _BlockE(nn.Module):  # Mixed_7b (E_1, average pool) and Mixed_7c (E_2, max pool): 8x8
+    def __init__(self, cin, max_pool):
+        super().__init__()
+        row, col = dict(k=(1, 3), padding=(0, 1)), dict(k=(3, 1), padding=(1, 0))
+        self.max_pool = max_pool
+        self.branch1x1 = _Conv(cin, 320, 1)
+        self.branch3x3_1 = _Conv(cin, 384, 1)
+        self.branch3x3_2a, self.branch3x3_2b = _Conv(384, 384, **row), _Conv(384, 384, **col)
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = _Conv(cin, 448, 1), _Conv(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = _Conv(384, 384, **row), _Conv(384, 384, **col)
+        self.branch_pool = _Conv(cin, 192, 1)
+
+    def forward(self, x):
+        b3, dbl = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, 1, 1) if self.max_pool else _avg_pool(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl), self.branch_pool(pool)], 1)
+
+
+class FIDInception(nn.Module):
+    """uint8 images [N, C, H, W] of any size (or floats in [0, 255]) -> pool3 features [N, 2048]."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = _Conv(3, 32, 3, stride=2), _Conv(32, 32, 3)
+        self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = _Conv(32, 64, 3, padding=1), _Conv(64, 80, 1)
+        self.Conv2d_4a_3x3 = _Conv(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = _BlockA(192, 32), _BlockA(256, 64), _BlockA(288, 64)
+        self.Mixed_6a = _BlockB(288)
+        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (_BlockC(768, c) for c in (128, 160, 160, 192))
+        self.Mixed_7a, self.Mixed_7b, self.Mixed_7c = _BlockD(768), _BlockE(1280, False), _BlockE(2048, True)
+        self.fc = nn.Linear(2048, 1008)  # the TF graph's classifier: in the weights file, unused for FID
+
+    def forward(self, x, protocol='stylegan2'):
+        x = _inception_input(x, protocol).contiguous(memory_format=torch.channels_last)  # [N, 3, 299, 299]
+        x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, 2)  # [N, 64, 73, 73]
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)               # [N, 192, 35, 35]
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)                                                                 # ... [N, 2048, 8, 8]
+        return x.mean((2, 3))                                                            # [N, 2048]
+
+
+def _tf1_resize_matrix(n_in, n_out, device):  # [n_out, n_in] weights of TF1 resize_bilinear(align_corners=False)
+    src = torch.arange(n_out, dtype=torch.float32) * (n_in / n_out)  # dst * in / out, no half-pixel shift, float32 as TF
+    i0 = src.floor().long()
+    frac, rows = src - i0, torch.arange(n_out)
+    m = torch.zeros(n_out, n_in)
+    m[rows, i0] += 1 - frac
+    m[rows, (i0 + 1).clamp(max=n_in - 1)] += frac  # the last source pixel repeats past the edge
+    return m.to(device)
+
+
+def resize_tf1(x, h, w):
+    """TF1 bilinear resize (StyleGAN2's FID input) as two matmuls: [N, C, H, W] float -> [N, C, h, w]."""
+    return _tf1_resize_matrix(x.shape[2], h, x.device) @ x @ _tf1_resize_matrix(x.shape[3], w, x.device).T
+
+
+def _inception_input(x, protocol):  # [N, C, H, W] in [0, 255] -> [N, 3, 299, 299] in [-1, 1]
+    x = x.float().expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float()
+    if protocol == 'stylegan2':
+        return (resize_tf1(x, 299, 299) - 128) / 128
+    if protocol == 'pytorch-fid':
+        return F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False) * 2 - 1
+    raise ValueError(f'protocol must be one of {PROTOCOLS}, not {protocol!r}')
+
+
+def _few(keys, k=3):  # 'a, b, c and 5 more' (or 'none')
+    return ', '.join(keys[:k]) + (f' and {len(keys) - k} more' if len(keys) > k else '') if keys else 'none'
+
+
+def load_inception(weights=None, device='cpu'):
+    """FIDInception with pytorch-fid's weights from the file `weights`, else the torch hub cache, else a download
+    (10 s timeout; not tried when METRICS_NO_DOWNLOAD is set). Raises MetricUnavailable when none works."""
+    hub = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(FID_WEIGHTS_URL))
+    path = weights or hub
+    if weights is None and not os.path.isfile(path) and not os.environ.get('METRICS_NO_DOWNLOAD'):
+        _download(FID_WEIGHTS_URL, path)
+    if not os.path.isfile(path):
+        raise MetricUnavailable(f'no FID Inception weights at {path}: download {FID_WEIGHTS_URL} and pass '
+                                f'--fid-weights PATH (or save it as {hub})')
+    state = {k: v for k, v in torch.load(path, map_location='cpu', weights_only=True).items()
+             if not k.endswith('num_batches_tracked')}  # BN counters, in some copies of the file: unused
+    net = FIDInception()
+    own = net.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shape = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    if missing or unexpected or shape:
+        raise MetricUnavailable(f'{path} is not the pytorch-fid Inception: missing {_few(missing)}; '
+                                f'unexpected {_few(unexpected)}; wrong shape {_few(shape)}')
+    net.load_state_dict(state)
+    return net.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)  # faster in oneDNN and cuDNN
+
+
+def _download(url, path):  # best effort: on any failure the caller reports the missing file
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f'{path}.{os.getpid()}.part'
+    print(f'downloading {url}', file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r, open(tmp, 'wb') as f:
+            shutil.copyfileobj(r, f)
+        with open(tmp, 'rb') as f:  # torch hub convention: the name ends with the sha256 prefix
+            if hashlib.sha256(f.read()).hexdigest().startswith(url.rsplit('-', 1)[1].split('.')[0]):
+                os.replace(tmp, path)
+            else:
+                print('download failed: checksum mismatch', file=sys.stderr)
+    except OSError as e:
+        print(f'download failed: {e}', file=sys.stderr)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+# ----------------------------------------------------------------------------------------------
+# Frechet distance, KID, precision/recall: on feature matrices [N, F].
+
+def feature_stats(x):
+    """Mean [F] and unbiased covariance [F, F] of features [N, F]: float64, on x's device."""
+    x = torch.as_tensor(x).double()
+    mu = x.mean(0)
+    xc = x - mu
+    return mu, xc.T @ xc / (len(x) - 1)
+
+
+def _clip_roundoff(lam):  # eigenvalues below round-off level (F * eps * largest) -> 0: the square root would amplify them
+    return torch.where(lam > lam.max() * len(lam) * torch.finfo(lam.dtype).eps, lam, 0.0)
+
+
+# Heusel et al. 2017: d^2 = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (numpy or torch), in float64.
+
+    tr (S1 S2)^(1/2) is the sum of the square roots of the eigenvalues of M = R^T S2 R for any R with
+    R R^T = S1: M is similar to S2 S1 (and shares its nonzero eigenvalues when S1 is singular) but
+    symmetric PSD, so eigvalsh is stable, no complex parts arise and no eps is added to the covariances.
+    R is the Cholesky factor (cheap; of S2 with the roles swapped when only S1 is singular, e.g. fewer
+    generated samples than features), or when both are singular the symmetric root of S1 from eigh. Eigenvalues at round-off level (tiny, even negative) are set to 0 before square
+    roots, so that a singular set scores ~1e-15 rather than ~1e-8 against itself."""
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
+    for a, b in ((sigma1, sigma2), (sigma2, sigma1)):         # tr (S1 S2)^(1/2) = tr (S2 S1)^(1/2)
+        root, info = torch.linalg.cholesky_ex(a)              # [F, F], a = L L^T
+        if not info:
+            break
+    else:                                                     # both singular
+        lam, u = torch.linalg.eigh(sigma1)
+        root, b = (u * _clip_roundoff(lam).sqrt()) @ u.T, sigma2  # S1^(1/2)
+    m = root.T @ b @ root
+    tr_covmean = _clip_roundoff(torch.linalg.eigvalsh((m + m.T) / 2)).sqrt().sum()
+    return ((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean).item()
+
+
+# KID (Binkowski et al. 2018): unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, mean over 100 subsets of up to 1000
+def kernel_inception_distance(real, fake, num_subsets=100, max_subset_size=1000, seed=0):
+    real, fake = real.double(), fake.double()                 # [N, d], [M, d]
+    d, m = real.shape[1], min(len(real), len(fake), max_subset_size)
+    g, total = torch.Generator().manual_seed(seed), 0.0
+    for _ in range(num_subsets):
+        x = fake[torch.randperm(len(fake), generator=g)[:m].to(fake.device)]
+        y = real[torch.randperm(len(real), generator=g)[:m].to(real.device)]
+        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+        total += (within - 2 * kxy.mean()).item()
+    return total / num_subsets
+
+
+# Kynkaanniemi et al. 2019: a sample is covered by a set when it lies in the ball of some member whose radius is
+# the distance from that member to its k-th nearest neighbour in the set; precision = share of fakes covered by
+# the reals, recall = share of reals covered by the fakes.
+def precision_recall(real, fake, k=3, block=4096):
+    def radii(x):                                             # [N] distance to the k-th nearest other point
+        out = []
+        for i in range(0, len(x), block):
+            best = x.new_empty(len(x[i:i + block]), 0)
+            for j in range(0, len(x), block):                # keep the k + 1 smallest (the point itself is one)
+                best = torch.cat([best, torch.cdist(x[i:i + block], x[j:j + block])], 1)
+                best = best.topk(min(k + 1, best.shape[1]), 1, largest=False).values
+            out.append(best[:, k])
+        return torch.cat(out)
+
+    def covered(p, x, r):                                    # [P] share of p inside any ball (x_j, r_j)
+        hits = []
+        for i in range(0, len(p), block):
+            hit = torch.zeros(len(p[i:i + block]), dtype=torch.bool, device=p.device)
+            for j in range(0, len(x), block):
+                hit |= (torch.cdist(p[i:i + block], x[j:j + block]) <= r[j:j + block]).any(1)
+            hits.append(hit)
+        return torch.cat(hits).float().mean().item()
+
+    assert len(real) > k and len(fake) > k, 'precision/recall needs more than k samples per set'
+    real, fake = real.float(), fake.float()
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+# ----------------------------------------------------------------------------------------------
+# SWD (Karras et al. 2018, App. D): Laplacian pyramid from full resolution down to 16x16, 128 random 7x7
+# patches per image and level; per level, each set's descriptors normalised per colour channel with its own
+# mean and std, then the mean over 4 x 128 random unit directions of the 1-D Wasserstein-1 distance between
+# the sorted projections (equal set sizes).
+
+_GAUSS = torch.tensor([1., 4., 6., 4., 1.]).outer(torch.tensor([1., 4., 6., 4., 1.])) / 256  # [5, 5] binomial
+
+
+def _blur(x, kernel):  # depthwise 5x5, mirrored borders (scipy's 'mirror' = torch's 'reflect'), as ProGAN
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode='reflect'), kernel.to(x).expand(x.shape[1], 1, 5, 5), groups=x.shape[1])
+
+
+def laplacian_pyramid(x, levels):
+    """[N, C, H, W] float -> `levels` tensors, finest first: band-pass differences, then the coarse residual."""
+    pyramid = []
+    for _ in range(levels - 1):
+        down = _blur(x, _GAUSS)[:, :, ::2, ::2]               # [N, C, H/2, W/2]
+        up = torch.zeros_like(x)
+        up[:, :, ::2, ::2] = down
+        pyramid.append(x - _blur(up, 4 * _GAUSS))
+        x = down
+    return pyramid + [x]
+
+
+def swd_resolutions(res):  # ProGAN's levels: res, res/2, ... down to 16 (one level below 32)
+    return [res >> i for i in range(max(1, int(math.log2(res)) - 3))]
+
+
+def swd_descriptors(images, seed, patches=128, size=7):
+    """uint8 [N, C, H, W] -> raw patch descriptors [N, levels, patches, C, size^2] at random positions (seeded)."""
+    g, h, out = torch.Generator().manual_seed(seed), size // 2, []
+    off = torch.arange(-h, h + 1, device=images.device)
+    for lap in laplacian_pyramid(images.float(), len(swd_resolutions(images.shape[-1]))):
+        n, c, H, W = lap.shape
+        ys = torch.randint(h, H - h, (n, patches, 1, 1, 1), generator=g).to(images.device) + off[:, None]
+        xs = torch.randint(h, W - h, (n, patches, 1, 1, 1), generator=g).to(images.device) + off
+        i, ch = torch.arange(n, device=images.device), torch.arange(c, device=images.device)
+        out.append(lap[i[:, None, None, None, None], ch[:, None, None], ys, xs].flatten(3))  # [N, P, C, size^2]
+    return torch.stack(out, 1)
+
+
+def sliced_wasserstein(desc_a, desc_b, seed=0, repeats=4, dirs=128):
+    """Descriptors [N, levels, P, C, S] of two sets of N images -> SWD per level (list of floats; x 1e3 in reports)."""
+    assert desc_a.shape == desc_b.shape, 'SWD compares sets of equal size'
+    g, out = torch.Generator().manual_seed(seed), []
+    for level in range(desc_a.shape[1]):
+        a, b = (_normalise(d[:, level]) for d in (desc_a, desc_b))  # [N * P, C * S]
+        dists = []
+        for _ in range(repeats):
+            v = torch.randn(a.shape[1], dirs, generator=g).to(a)
+            v /= v.norm(dim=0)                                # unit directions [C * S, dirs]
+            dists.append(((a @ v).sort(0).values - (b @ v).sort(0).values).abs().mean())
+        out.append(torch.stack(dists).mean().item())
+    return out
+
+
+def _normalise(d):  # [N, P, C, S] -> [N * P, C * S], zero mean and unit std per colour channel
+    d = d.flatten(0, 1).float()
+    mean, std = d.mean((0, 2), keepdim=True), d.std((0, 2), keepdim=True, unbiased=False)
+    return ((d - mean) / std).flatten(1)
+
+# ----------------------------------------------------------------------------------------------
+# Discriminator-based metrics (from precomputed logits / features) and PPL.
+
+# DI (Wang et al. 2022, Sec. 4.1): DI = min(s_r) - max(s_g) over 64 real and 64 generated raw logits, mean of 200 draws
+def disequilibrium_indicator(real_logits, fake_logits, draws=200, size=64, seed=0):
+    real, fake = real_logits.double().cpu(), fake_logits.double().cpu()  # [N], [M]
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda x: x[torch.randperm(len(x), generator=g)[:size]]  # without replacement
+    di = [draw(real).min() - draw(fake).max() for _ in range(draws)]
+    return torch.stack(di).mean().item()
+
+
+# FDDF (Yu, thesis Table 2.2): Frechet distance between D's last-layer features of real and generated images
+def fddf(real_features, fake_features):
+    return frechet_distance(*feature_stats(real_features), *feature_stats(fake_features))
+
+
+def inception_distance(net, protocol='stylegan2'):
+    """PPL's default distance: LPIPS (VGG16) weights are not available offline, so the squared L2 distance between
+    FID Inception features, images [B, 3, H, W] in [-1, 1] -> [B]. Its PPL is NOT comparable with published
+    (LPIPS) numbers, only between models measured here; pass any callable of the same form instead."""
+    def distance(a, b):
+        fa, fb = net(torch.cat([a, b]).add(1).mul(127.5), protocol).chunk(2)  # not quantised, as in StyleGAN2's PPL
+        return (fa - fb).square().sum(1)
+    return distance
+
+
+@contextlib.contextmanager
+def _no_tf32():  # full fp32 on GPUs: PPL's differences (~1e-4 of the image) would drown in TF32 (cuDNN's default)
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def _fork_rng(device):  # seeding per chunk must not change the caller's RNG stream (a resumed training relies on it)
+    device = torch.device(device)
+    return torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [])
+
+
+# PPL (Karras et al. 2019, Eq. 4; StyleGAN2's W-space end-point protocol): d(g(w0), g(lerp(w0, w1, eps))) / eps^2
+# for t = 0, eps = 1e-4, in full precision, then the mean without the 1% and 99% tails.
+def perceptual_path_length(G, num, distance, batch=64, device='cpu', seed=0, epsilon=1e-4, crop=False,
+                           rank=0, world_size=1, log=print):
+    def chunk(c):
+        torch.manual_seed(_seed(seed, 5, c))
+        w0, w1 = G.mapping(torch.randn(2 * batch, G.z_dim, device=device), psi=1.0).chunk(2)  # [B, num_ws, w_dim]
+        heatmaps = G.sample_heatmaps(batch, device)  # one layout for both end points (None without spatial encoding)
+        img0, img1 = (G.synthesis(w, noise_mode='const', heatmaps=heatmaps).float() for w in (w0, w0.lerp(w1, epsilon)))
+        if crop:  # StyleGAN's FFHQ face crop
+            s = img0.shape[2] // 8
+            img0, img1 = img0[:, :, 3 * s:7 * s, 2 * s:6 * s], img1[:, :, 3 * s:7 * s, 2 * s:6 * s]
+        return distance(img0, img1).double() / epsilon ** 2  # [B]
+
+    with torch.no_grad(), _no_tf32(), _fork_rng(device):
+        d = _sharded(num, batch, rank, world_size, chunk, {'d': (num, lambda d, c: d.cpu())}, log, 'ppl pairs')['d']
+    d = d.numpy()
+    lo, hi = np.percentile(d, 1, method='lower'), np.percentile(d, 99, method='higher')
+    return float(d[(d >= lo) & (d <= hi)].mean())
+
+# ----------------------------------------------------------------------------------------------
+# evaluate(): the entry point. Work is cut into chunks of `batch` items, chunk c seeded by (seed, c) and
+# handled by rank c % world_size; all_gather puts the results back in chunk order, so every rank ends up with
+# the same arrays whatever world_size is, and computes the same numbers from them.
+
+_DEFAULT_NUM = dict(fid=50000, kid=50000, pr=50000, swd=16384, fddf=50000, di=12800, ppl=50000)  # di: 200 draws x 64
+_FULL_CAP = dict(kid=1000000, pr=200000)  # StyleGAN2's caps on 'all real images'
+_NAME = re.compile(r'(?P<kind>fid|kid|pr|swd|fddf|di)(?P<num>\d+)?(?P<k>k)?(?P<nhood>(?<=k)3)?(?P<full>_full)?|ppl_wend')
+_INCEPTION = ('fid', 'kid', 'pr', 'ppl')
+_SOURCE = dict(fid='inc', kid='inc', pr='inc', swd='swd', di='d', fddf='d')  # which features each metric uses
+_REAL_CACHE = {}  # real Inception features of this process, by cache key
+_NETS = {}  # (weights, device) -> FIDInception or its MetricUnavailable
+
+
+def _parse(name, num_gen, n_data):  # -> (kind, generated count, real count)
+    m = _NAME.fullmatch(name)
+    if not m or (m['nhood'] and m['kind'] != 'pr'):
+        raise ValueError(f'unknown metric {name!r}: use fid50k_full, fid10k, fid2000, kid50k_full, pr50k3_full, '
+                         'ppl_wend, swd, di, fddf (counts like 10k in the name, _full = all real images)')
+    kind = m['kind'] or 'ppl'
+    n = num_gen or (int(m['num']) * (1000 if m['k'] else 1) if m['num'] else _DEFAULT_NUM[kind])
+    if kind == 'ppl':
+        return kind, n, 0
+    n_real = min(n_data, _FULL_CAP.get(kind, n_data)) if m['full'] else min(n, n_data)
+    return kind, (n_real if kind == 'swd' else n), n_real
+
+
+def _seed(seed, stream, chunk):  # independent, reproducible seed per (run seed, use, chunk)
+    return int(np.random.SeedSequence([seed, stream, chunk]).generate_state(1, np.uint64)[0])
+
+
+def _all_ranks(flag, world_size):  # True when flag holds on every rank
+    if world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _gather(x, world_size):  # this rank's chunks [m, batch, ...] -> all chunks in order [m * world_size * batch, ...]
+    if world_size == 1:
+        return x.flatten(0, 1)
+    x = x.cuda() if dist.get_backend() == 'nccl' else x.cpu()  # NCCL moves CUDA tensors only
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.stack(parts, 1).flatten(0, 2).cpu()          # [m, world_size, batch, ...]: chunk i * world_size + r
+
+
+def _sharded(n, batch, rank, world_size, produce, consumers, log, what):
+    """Runs produce(c) for this rank's chunks c = rank, rank + world_size, ... and feeds each result to every
+    consumer {key: (n_k, fn(inp, c) -> [batch, ...])} that needs chunk c; returns {key: [n_k, ...]} in item order.
+    Chunks are full and each consumer runs on a multiple of world_size chunks (surplus dropped), so that all ranks
+    gather equal shapes."""
+    per_rank = {k: math.ceil(math.ceil(nk / batch) / world_size) for k, (nk, _) in consumers.items()}
+    steps, outs = max(per_rank.values(), default=0), {k: [] for k in consumers}
+    t0 = last = time.perf_counter()
+    for i in range(steps):
+        c = rank + i * world_size
+        inp = produce(c)
+        for k, (_, fn) in consumers.items():
+            if i < per_rank[k]:
+                outs[k].append(fn(inp, c))
+        if time.perf_counter() - last > 5:  # in-loop metrics must not look like a hang
+            done, last = (i + 1) * world_size * batch, time.perf_counter()
+            log(f'{min(done, n)}/{n} {what}, {done / (last - t0):.0f}/s')
+    return {k: _gather(torch.stack(v), world_size)[:consumers[k][0]] for k, v in outs.items()}
+
+
+def _inception_once(weights, device, rank, world_size):
+    """load_inception once per process and device (a failed download is not retried at every evaluation);
+    rank 0 first, as it may download, then the others. Raises MetricUnavailable unless every rank has it."""
+    key = (weights, str(device))
+    if key not in _NETS:
+        if rank > 0:
+            dist.barrier()
+        try:
+            _NETS[key] = load_inception(weights, device)
+        except MetricUnavailable as e:
+            _NETS[key] = e
+        finally:
+            if rank == 0 and world_size > 1:
+                dist.barrier()
+    net = _NETS[key]
+    if not _all_ranks(isinstance(net, FIDInception), world_size):  # all ranks must run the same passes
+        raise net if isinstance(net, MetricUnavailable) else MetricUnavailable(
+            'FID Inception weights missing on another rank: pass --fid-weights PATH')
+    return net
+
+
+def _autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+
+
+def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_gen=None, fid_weights=None,
+             cache_dir=None, protocol='stylegan2', seed=0, log=print):
+    """{metric name: float or dict} for names like fid50k_full, kid50k_full, pr50k3_full, ppl_wend, swd, di, fddf;
+    the same on every rank. G: G_ema (G(z) -> [B, 3, H, W] in [-1, 1]); D: the plain (not DDP-wrapped) discriminator;
+    dataset: uint8 [3, H, W] items. num_gen overrides the counts in the names. Metrics that cannot run (no Inception
+    weights) are logged in one line and left out. The global RNG state is restored on return."""
+    device = torch.device(device)
+    log = log if rank == 0 else (lambda *_: None)
+    specs = {name: _parse(name, num_gen, len(dataset)) for name in names}
+    # Inception runs in full fp32 (no TF32), as the reference numbers; G and D under bf16 autocast on GPUs
+    with torch.no_grad(), _no_tf32(), _fork_rng(device):
+        inception = None
+        if any(kind in _INCEPTION for kind, _, _ in specs.values()):
+            try:
+                inception = _inception_once(fid_weights, device, rank, world_size)
+            except MetricUnavailable as e:
+                log(f'skipping {", ".join(n for n, s in specs.items() if s[0] in _INCEPTION)}: {e}')
+                specs = {n: s for n, s in specs.items() if s[0] not in _INCEPTION}
+
+        def most(source, i):  # the largest count (i = 1: generated, 2: real) of a source; smaller ones use a prefix
+            return max([s[i] for s in specs.values() if _SOURCE.get(s[0]) == source], default=0)
+
+        def d_features(stream):  # chunk -> [batch, 1 + F]: D's logit, then its last-layer features
+            def fn(inp, c):
+                ref = None
+                if D.needs_ref:  # reference images: real, drawn independently of the primary ones
+                    g = torch.Generator().manual_seed(_seed(seed, stream, c))
+                    idx = torch.randint(len(dataset), (batch,), generator=g).tolist()
+                    ref = torch.stack([torch.as_tensor(dataset[i]) for i in idx]).to(device).float() / 127.5 - 1
+                with _autocast(device):
+                    logits, feats = D(inp[0], ref=ref, return_features=True)
+                return torch.cat([logits.float()[:, None], feats.float().flatten(1)], 1).cpu()
+            return fn
+
+        def extractors(n_inc, n_swd, n_d, stream):  # {key: (count, chunk fn)} for _sharded
+            out = {}
+            if n_inc:
+                out['inc'] = (n_inc, lambda inp, c: inception(inp[1], protocol).cpu())  # [B, 2048]
+            if n_swd:
+                out['swd'] = (n_swd, lambda inp, c: swd_descriptors(inp[1], _seed(seed, stream, c)).cpu())
+            if n_d:
+                out['d'] = (n_d, d_features(stream + 1))
+            return out
+
+        # Real images: Inception features (cached in memory and on disk), SWD descriptors, D logits and features.
+        n_inc = most('inc', 2)
+        key = f'{dataset.name}-{dataset.resolution}px-{n_inc}-{protocol}'
+        stem = re.sub(r'[^\w.-]', '_', dataset.name)  # the hash tells counts and protocols apart
+        path = cache_dir and os.path.join(cache_dir, f'{stem}-{hashlib.md5(key.encode()).hexdigest()[:12]}.pt')
+        if n_inc and key not in _REAL_CACHE and _all_ranks(bool(path) and os.path.isfile(path), world_size):
+            _REAL_CACHE[key] = torch.load(path, weights_only=True)
+            log(f'real Inception features from {path}')
+        consumers = extractors(0 if key in _REAL_CACHE else n_inc, most('swd', 2), most('d', 2), 1)
+        n = max([nk for nk, _ in consumers.values()], default=0)
+        steps = math.ceil(math.ceil(n / batch) / world_size)  # every chunk full: indices wrap around the data
+        idx = [((rank + i * world_size) * batch + j) % len(dataset) for i in range(steps) for j in range(batch)]
+        loader = iter(torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch,
+                                                  num_workers=3 if device.type == 'cuda' and idx else 0))
+
+        def reals(c):
+            x8 = next(loader).to(device)                      # [B, 3, H, W] uint8
+            return x8.float() / 127.5 - 1, x8
+
+        real = _sharded(n, batch, rank, world_size, reals, consumers, log, 'real images')
+        if 'inc' in real:
+            _REAL_CACHE[key] = real['inc']
+            if path and rank == 0:
+                os.makedirs(cache_dir, exist_ok=True)
+                torch.save(real['inc'], f'{path}.{os.getpid()}.tmp')
+                os.replace(f'{path}.{os.getpid()}.tmp', path)  # atomic: a killed run leaves no half file
+        real['inc'] = _REAL_CACHE.get(key)
+
+        # Generated images: the same extractors on G(z), z and G's own noise/heatmaps seeded per chunk.
+        def fakes(c):
+            torch.manual_seed(_seed(seed, 0, c))
+            with _autocast(device):
+                x = G(torch.randn(batch, G.z_dim, device=device)).float()  # [B, 3, H, W] in [-1, 1]
+            return x, (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+        consumers = extractors(most('inc', 1), most('swd', 1), most('d', 1), 3)
+        n = max([nk for nk, _ in consumers.values()], default=0)
+        fake = _sharded(n, batch, rank, world_size, fakes, consumers, log, 'generated images')
+
+        results = {}
+        for name, (kind, n, n_real) in specs.items():
+            t = time.perf_counter()
+            if kind in _SOURCE:                                # features of the n_real real and n generated images
+                r, f = real[_SOURCE[kind]][:n_real].to(device), fake[_SOURCE[kind]][:n].to(device)
+            if kind == 'fid':
+                v = frechet_distance(*feature_stats(r), *feature_stats(f))
+            elif kind == 'kid':
+                v = kernel_inception_distance(r, f, seed=seed)
+            elif kind == 'pr':
+                v = dict(zip(('precision', 'recall'), precision_recall(r, f)))
+            elif kind == 'swd':
+                levels = sliced_wasserstein(r, f, seed=seed)
+                v = {str(res): 1e3 * x for res, x in zip(swd_resolutions(dataset.resolution), levels)}
+                v['avg'] = sum(levels) * 1e3 / len(levels)
+            elif kind == 'di':
+                v = disequilibrium_indicator(r[:, 0], f[:, 0], seed=seed)
+            elif kind == 'fddf':
+                v = fddf(r[:, 1:], f[:, 1:])
+            else:
+                v = perceptual_path_length(G, n, inception_distance(inception, protocol), batch, device, seed,
+                                           rank=rank, world_size=world_size, log=log)
+            results[name] = v
+            shown = ', '.join(f'{k} {x:.4g}' for k, x in v.items()) if isinstance(v, dict) else f'{v:.4g}'
+            counts = f'{n} generated' + (f' vs {n_real} real' if n_real else '')
+            log(f'{name}: {shown}  ({counts}; {time.perf_counter() - t:.1f}s)')
+    return results
+
+
+def main():
+    import argparse
+    import data  # only the CLI needs the other files
+    import model
+    p = argparse.ArgumentParser(description='Evaluate a train.py checkpoint; prints one JSON line (progress on stderr).')
+    p.add_argument('ckpt', help='checkpoint written by train.py')
+    p.add_argument('--metrics', default='fid50k_full',
+                   help='comma-separated: fid50k_full, fid10k, kid50k_full, pr50k3_full, ppl_wend, swd, di, fddf')
+    p.add_argument('--data', help='dataset folder or zip (default: the checkpoint\'s own --data)')
+    p.add_argument('--fid-weights', help=f'pytorch-fid Inception weights (default: hub cache, else {FID_WEIGHTS_URL})')
+    p.add_argument('--num-gen', type=int, help='generated images per metric (default: the count in its name)')
+    p.add_argument('--batch', type=int, default=64, help='images per forward pass per GPU')
+    p.add_argument('--protocol', default='stylegan2', choices=PROTOCOLS,
+                   help='Inception input: stylegan2 (TF1 resize, as in the papers) or pytorch-fid')
+    p.add_argument('--cache-dir', default=os.path.expanduser('~/.cache/gan_metrics'),
+                   help='where real-image Inception features are cached')
+    p.add_argument('--seed', type=int, default=0, help='seed of the latents and of every random draw')
+    p.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda, mps')
+    a = p.parse_args()
+    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
+    device = a.device if a.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
+    if world_size > 1:
+        if device == 'cuda':
+            device = f'cuda:{os.environ["LOCAL_RANK"]}'
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    ckpt = model.load_checkpoint(a.ckpt, device)
+    args = ckpt['args']
+    dataset = data.make_dataset(a.data or args.get('data'), resolution=args['resolution'],
+                                max_images=None if a.data else args.get('max_images'))
+    results = evaluate(a.metrics.split(','), ckpt['G_ema'], ckpt['D'], dataset, device, rank, world_size, a.batch,
+                       a.num_gen, a.fid_weights, a.cache_dir, a.protocol, a.seed, log=lambda s: print(s, file=sys.stderr))
+    if rank == 0:
+        print(json.dumps(results))
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
