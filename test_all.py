@@ -1,0 +1,1656 @@
+"""
+The test suite: CPU only, tiny networks, 16-32 px; `python -m pytest -q test_all.py` (a few minutes
+on 2 cores). Formulas are checked against independent hand computations, gradients against autograd
+identities, training against resume and DDP (2 gloo processes) equivalence.
+"""
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import types
+import zipfile
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import attention  # noqa: E402
+import data  # noqa: E402
+import losses  # noqa: E402
+import metrics  # noqa: E402
+import model  # noqa: E402
+import train  # noqa: E402
+
+torch.set_num_threads(2)
+TINY = dict(resolution=16, z_dim=32, w_dim=32, channel_base=256, channel_max=32, map_layers=2, mbstd_group=4,
+            conv_clamp=None, g_attn='none', g_attn_res=8, d_attn='none', d_attn_res=8, ref_attn_eq=8,
+            sel='none', heatmap='hier')
+TINY_FLAGS = ['--cfg', 'cpu', '--resolution', '16', '--channel-base', '256', '--channel-max', '32', '--z-dim', '32',
+              '--w-dim', '32', '--map-layers', '2', '--batch', '8', '--workers', '0', '--metrics', 'none',
+              '--max-images', '64', '--log-sec', '0']
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return model.build_networks({**TINY, **kw})
+
+
+# ==============================================================================================
+# model.py: StyleGAN2
+
+@pytest.mark.parametrize('res', [16, 32])
+def test_shapes(res):
+    G, D = tiny(resolution=res)
+    z = torch.randn(4, 32)
+    img, ws = G(z, return_ws=True)
+    assert img.shape == (4, 3, res, res) and ws.shape == (4, 2 * int(math.log2(res)) - 2, 32)
+    assert G.num_ws == ws.shape[1] and len(G.noise_res) == G.num_ws - 1
+    assert D(img).shape == (4,)
+    logits, feat = D(img, return_features=True)
+    assert feat.shape == (4, 32)
+
+
+def test_config_e_f_parameter_counts():
+    """Config E at 256x256: G + D = 48.77M parameters, the StyleGAN2 row of thesis Table 2.4."""
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    cfg = dict(TINY, resolution=256, z_dim=512, w_dim=512, map_layers=8, channel_max=512)
+    G, D = model.build_networks(dict(cfg, channel_base=16384))
+    assert round((n(G) + n(D)) / 1e6, 2) == 48.77
+    assert G.synthesis.b32.conv1.weight.shape == (512, 512, 3, 3) and D.b256.fromrgb.weight.shape == (64, 3, 1, 1)
+    G, D = model.build_networks(dict(cfg, channel_base=32768))  # config F: twice the channels below 512
+    assert D.b256.fromrgb.weight.shape == (128, 3, 1, 1) and G.synthesis.b256.conv1.weight.shape == (128, 128, 3, 3)
+    names = {k for k, _ in G.named_parameters()}
+    assert {'mapping.fc7.weight', 'synthesis.b32.conv1.affine.weight', 'synthesis.b4.const'} <= names
+
+
+def test_resolution_must_be_power_of_two():
+    with pytest.raises(ValueError, match='power of two'):
+        model.Generator(48)
+
+
+def test_equalized_lr():
+    """Weights are stored N(0, 1) (x 1/lr_mul) and scaled at run time by lr_mul / sqrt(fan_in)."""
+    torch.manual_seed(0)
+    fc = model.FC(512, 256, lr_mul=0.01)
+    assert abs(fc.weight.std().item() - 100) < 2
+    x = torch.randn(1024, 512)
+    assert abs(fc(x).std().item() - 1) < 0.05
+    # the gradient w.r.t. the stored weight carries the run-time gain: d(sum y)/dW = gain * sum_b x
+    fc.weight.grad = None
+    fc(x).sum().backward()
+    assert torch.allclose(fc.weight.grad[0], 0.01 / math.sqrt(512) * x.sum(0), rtol=1e-4, atol=1e-4)
+    conv = model.Conv(64, 64, 3, act=False)
+    assert abs(conv(torch.randn(8, 64, 16, 16))[:, :, 1:-1, 1:-1].std().item() - 1) < 0.05
+
+
+def reference_modconv(x, weight, styles, demodulate, up):
+    """Per-sample loop: modulate and demodulate the weight explicitly (StyleGAN2 Eq. 1-3); the 2x
+    up-sampling as zero insertion + 'full' convolution, then the [1,3,3,1] FIR with gain 4."""
+    out = []
+    f = torch.tensor([1.0, 3, 3, 1])
+    f = torch.outer(f, f) / 64
+    for i in range(x.shape[0]):
+        w = weight * styles[i].view(1, -1, 1, 1)
+        if demodulate:
+            w = w / w.square().sum([1, 2, 3], keepdim=True).add(1e-8).sqrt()
+        xi = x[i:i + 1]
+        if up == 2:
+            z = torch.zeros(1, xi.shape[1], 2 * xi.shape[2] - 1, 2 * xi.shape[3] - 1)
+            z[:, :, ::2, ::2] = xi
+            y = F.conv2d(F.pad(z, [2, 2, 2, 2]), w.flip([2, 3]))  # transposed conv = full conv, flipped kernel
+            y = F.conv2d(F.pad(y, [1, 1, 1, 1]), (4 * f).expand(y.shape[1], 1, 4, 4), groups=y.shape[1])
+        else:
+            y = F.conv2d(xi, w, padding=weight.shape[-1] // 2)
+        out.append(y)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize('up', [1, 2])
+@pytest.mark.parametrize('fused', [False, True])
+@pytest.mark.parametrize('demodulate', [True, False])
+def test_modulated_conv_matches_per_sample_reference(up, fused, demodulate):
+    torch.manual_seed(0)
+    x, weight, styles = torch.randn(3, 6, 5, 5), torch.randn(4, 6, 3, 3), torch.randn(3, 6)
+    if not demodulate and up == 2:
+        return  # toRGB (the only non-demodulated conv) never upsamples
+    y = model.modulated_conv2d(x, weight, styles, demodulate, up, model.fir_filter(), fused)
+    ref = reference_modconv(x, weight, styles, demodulate, up)
+    assert y.shape == ref.shape
+    assert torch.allclose(y, ref, atol=1e-4), (y - ref).abs().max()
+
+
+def test_demodulation_gives_unit_variance():
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 32, 32)
+    y = model.modulated_conv2d(x, torch.randn(64, 64, 3, 3), torch.rand(4, 64) * 3 + 0.1)
+    assert abs(y[:, :, 1:-1, 1:-1].std().item() - 1) < 0.05
+
+
+def test_upsample_and_downsample_filters():
+    """upsample2d == zero insertion then the 4x4 FIR (gain 4), 'same' padding [2, 1]; a constant
+    image stays constant through both resamplers (the filter is normalised)."""
+    torch.manual_seed(0)
+    x, f = torch.randn(2, 3, 4, 4), model.fir_filter()
+    z = torch.zeros(2, 3, 8, 8)
+    z[:, :, ::2, ::2] = x
+    ref = F.conv2d(F.pad(z, [2, 1, 2, 1]), (4 * f).expand(3, 1, 4, 4), groups=3)
+    assert torch.allclose(model.upsample2d(x, f), ref, atol=1e-6)
+    c = torch.ones(1, 3, 8, 8)
+    assert torch.allclose(model.upsample2d(c, f)[:, :, 2:-2, 2:-2], torch.ones(1, 3, 12, 12))
+    assert torch.allclose(model.blur(c, f, 2)[:, :, 2:-2, 2:-2], torch.ones(1, 3, 5, 5))
+
+
+def test_minibatch_std_hand_computation():
+    torch.manual_seed(0)
+    x = torch.randn(8, 6, 4, 4)
+    y = model.minibatch_std(x, 4)
+    assert y.shape == (8, 7, 4, 4) and torch.equal(y[:, :6], x)
+    for g in range(2):  # contiguous groups of 4
+        grp = x[4 * g:4 * g + 4].double()
+        s = (grp.var(0, unbiased=False) + 1e-8).sqrt().mean()
+        assert torch.allclose(y[4 * g:4 * g + 4, 6].double(), s.expand(4, 4, 4), atol=1e-5)
+
+
+def test_truncation_and_style_mixing():
+    G, _ = tiny()
+    G.mapping.w_avg.normal_()
+    z, z2 = torch.randn(3, 32), torch.randn(3, 32)
+    ws0 = G.map(z, psi=0)
+    assert torch.allclose(ws0, G.mapping.w_avg.expand_as(ws0))
+    ws_half = G.map(z, psi=0.5, cutoff=2)
+    full = G.map(z)
+    assert torch.allclose(ws_half[:, 2:], full[:, 2:]) and torch.allclose(ws_half[:, :2], (full[:, :2] + G.mapping.w_avg) / 2, atol=1e-6)
+    _, ws = G(z, mix_z=z2, mix_cutoff=torch.tensor(3), return_ws=True)
+    assert torch.allclose(ws[:, :3], full[:, :3]) and torch.allclose(ws[:, 3:], G.map(z2)[:, 3:])
+    _, ws = G(z, mix_z=z2, mix_cutoff=torch.tensor(G.num_ws), return_ws=True)
+    assert torch.allclose(ws, full)
+
+
+def test_w_avg_tracking_and_noise_inputs():
+    G, _ = tiny()
+    z = torch.randn(16, 32)
+    G(z, update_w_avg=True)
+    assert torch.allclose(G.mapping.w_avg, 0.005 * G.map(z)[:, 0].mean(0), atol=1e-6)
+    G.eval()
+    a, b = G(z[:2], noise_mode='const'), G(z[:2], noise_mode='const')
+    assert torch.equal(a, b)  # const noise and fused inference conv are deterministic
+    for m in G.modules():
+        if isinstance(m, model.SynthesisLayer):
+            m.noise_strength.data.fill_(1.0)
+    noise = [torch.zeros(2, 1, r, r) for r in G.noise_res]
+    assert torch.allclose(G(z[:2], noise=noise), G(z[:2], noise_mode='none'), atol=1e-6)
+    assert not torch.allclose(G(z[:2], noise_mode='random'), G(z[:2], noise_mode='none'))
+
+
+# ==============================================================================================
+# losses.py
+
+def ce_matrix(pos, neg):
+    """Softmax cross-entropy picking column 0 of the explicit [B, 1 + M] logit matrix."""
+    logits = torch.cat([pos[:, None], neg[None, :].expand(len(pos), -1)], 1)
+    return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long))
+
+
+def test_contrastive_loss_equals_explicit_cross_entropy():
+    torch.manual_seed(0)
+    r, f = torch.randn(6) * 3, torch.randn(6) * 3
+    d = losses.d_loss('contrastive', r, f)
+    assert torch.allclose(d, ce_matrix(r, f) + ce_matrix(-f, -r), atol=1e-6)  # Eq. 2.1 + 2.2
+    g = losses.g_loss('contrastive', f, r, 'swap')
+    assert torch.allclose(g, ce_matrix(f, r) + ce_matrix(-r, -f), atol=1e-6)
+    assert torch.allclose(losses.g_loss('contrastive', f, r, 'minimax'), -d)
+    # with one sample per side it reduces to the logistic loss, twice
+    r1, f1 = r[:1], f[:1]
+    assert torch.allclose(losses.d_loss('contrastive', r1, f1), 2 * F.softplus(f1 - r1).squeeze(), atol=1e-6)
+
+
+def test_losses_hand_values():
+    r, f = torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.0])
+    sp = lambda x: math.log1p(math.exp(x))
+    assert math.isclose(losses.d_loss('nonsat', r, f).item(), (sp(-2) + sp(0)) / 2 * 2, rel_tol=1e-6)
+    assert math.isclose(losses.g_loss('nonsat', f).item(), (sp(2) + sp(0)) / 2, rel_tol=1e-6)
+    assert math.isclose(losses.g_loss('sat', f).item(), -(sp(-2) + sp(0)) / 2, rel_tol=1e-6)
+    assert math.isclose(losses.d_loss('hinge', r, f).item(), (0 + 1) / 2 + (0 + 1) / 2, rel_tol=1e-6)
+    assert math.isclose(losses.d_loss('wgan', r, f).item(), -1 - 1 + 1e-3 * 2, rel_tol=1e-6)
+    assert math.isclose(losses.g_loss('wgan', f).item(), 1.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize('kind', losses.LOSSES)
+def test_loss_gradient_signs(kind):
+    """D's loss falls when real logits rise and fake logits fall; G's loss falls when fakes rise."""
+    torch.manual_seed(1)
+    r = (torch.rand(5) * 1.8 - 0.9).requires_grad_(True)  # inside the hinge margin
+    f = (torch.rand(5) * 1.8 - 0.9).requires_grad_(True)
+    gr, gf = torch.autograd.grad(losses.d_loss(kind, r, f), [r, f])
+    assert (gr < 0).all() and (gf > 0).all()
+    (gf,) = torch.autograd.grad(losses.g_loss(kind, f, r.detach()), [f])
+    assert (gf < 0).all()
+    if kind == 'contrastive':
+        (gf,) = torch.autograd.grad(losses.g_loss(kind, f, r.detach(), 'minimax'), [f])
+        assert (gf < 0).all()
+
+
+def test_unknown_loss_message():
+    with pytest.raises(ValueError, match='choose one of'):
+        losses.d_loss('lsgan', torch.zeros(2), torch.zeros(2))
+
+
+def test_r1_and_gradient_penalty_hand_values():
+    """For a linear D(x) = <a, x>: R1 = ||a||^2 and the WGAN-GP term = (||a|| - 1)^2, per sample."""
+    torch.manual_seed(0)
+    a = torch.randn(3, 4, 4)
+    D = lambda x, ref=None: (x * a).flatten(1).sum(1)
+    x = torch.randn(5, 3, 4, 4, requires_grad=True)
+    assert torch.allclose(losses.r1_penalty(x, D(x)), a.square().sum().expand(5), rtol=1e-5)
+    gp = losses.wgan_gp(D, torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4))
+    assert torch.allclose(gp, (a.norm() - 1).square().expand(5), rtol=1e-4)
+    # R1 of a quadratic D(x) = sum x^2 is ||2x||^2, and it is differentiable (for the backward)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    r1 = losses.r1_penalty(x, x.square().flatten(1).sum(1))
+    assert torch.allclose(r1, (2 * x).square().flatten(1).sum(1))
+    (g,) = torch.autograd.grad(r1.sum(), x)
+    assert torch.allclose(g, 8 * x)
+
+
+def test_path_length_penalty_hand_computation():
+    """img = (sum over layers of ws) @ M: J^T y = M y for every layer, so the length is ||M y||."""
+    torch.manual_seed(0)
+    M = torch.randn(8, 3 * 4 * 4)
+    ws = torch.randn(5, 6, 8, requires_grad=True)
+    img = (ws.sum(1) @ M).view(5, 3, 4, 4)
+    y = torch.randn(5, 3, 4, 4)
+    pl_mean = torch.zeros([])
+    pen = losses.path_length_penalty(img, ws, pl_mean, noise=y)
+    lengths = ((y / 4).flatten(1) @ M.t()).norm(dim=1)  # 1 / sqrt(H W) = 1 / 4
+    assert torch.allclose(pl_mean, 0.01 * lengths.mean(), rtol=1e-5)
+    assert torch.allclose(pen, (lengths - pl_mean).square(), rtol=1e-4)
+
+
+# ==============================================================================================
+# attention.py
+
+def _attn_make(kind, C, **kw):
+    torch.manual_seed(0)
+    if kind not in ('san', 'ref'):
+        kw.pop('patch', None)
+    return attention.RefAttention(C, **kw) if kind == 'ref' else attention.self_attention(kind, C, **kw)
+
+
+def _attn_run(m, x, ref=None):
+    if isinstance(getattr(m, '_orig_mod', m), attention.RefAttention):
+        return m(x, x.flip(0) if ref is None else ref)
+    return m(x)
+
+
+ATTN_KINDS = ['san', 'sagan', 'dfn', 'vt', 'ref']
+
+
+# Eq. 2.4-2.6 exactly as written: per position, extract the k patch, concat q, two FCs, reshape,
+# weighted sum of the v patch; zero padding at the borders. Returns attention + res and the weights.
+def _naive_attend(m, k_src, q_src, v_src, res):
+    def proj(conv, x):  # 1x1 conv + bias + leaky ReLU
+        w = conv.weight.flatten(1) * conv.scale
+        return F.leaky_relu(torch.einsum('oc,bchw->bohw', w, x) + conv.bias[:, None, None], 0.2)
+
+    s, G, r = m.patch, m.groups, m.patch // 2
+    K, Q, V = proj(m.key, k_src), proj(m.query, q_src), proj(m.value, v_src)
+    Kp, Vp = F.pad(K, [r] * 4), F.pad(V, [r] * 4)
+    M1 = torch.cat([m.fc1_k.weight.flatten(1) * m.fc1_k.scale, m.fc1_q.weight.flatten(1) * m.fc1_q.scale], 1)
+    M2 = m.fc2.weight.flatten(1) * m.fc2.scale
+    B, C, H, W = V.shape
+    out = torch.zeros_like(V)
+    weights = torch.zeros(B, G, s * s, H, W, dtype=V.dtype)
+    for b in range(B):
+        for i in range(H):
+            for j in range(W):
+                k = Kp[b, :, i:i + s, j:j + s]                       # s x s x c' key patch
+                p = torch.cat([k.flatten(), Q[b, :, i, j]])          # Eq. 2.4
+                w_hat = F.leaky_relu(M1 @ p + m.fc1_k.bias, 0.2)     # Eq. 2.5
+                w = (M2 @ w_hat + m.fc2.bias).view(G, s, s)          # Eq. 2.5, reshape of Eq. 2.6
+                v = Vp[b, :, i:i + s, j:j + s]                       # s x s x c value patch
+                for c in range(C):                                   # channel c uses group c % G
+                    out[b, c, i, j] = (w[c % G] * v[c]).sum()        # Eq. 2.6
+                weights[b, :, :, i, j] = w.flatten(1)
+    return out + res, weights
+
+
+@pytest.mark.parametrize('kind', ATTN_KINDS)
+@pytest.mark.parametrize('C,hw', [(16, (8, 8)), (8, (5, 7)), (8, (1, 3))])
+def test_attention_shapes(kind, C, hw):
+    m = _attn_make(kind, C)
+    x = torch.randn(2, C, *hw)
+    y = _attn_run(m, x)
+    assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize('kw,hw', [(dict(patch=3, reduction=4, share=4, hidden=6), (5, 6)),
+                                   (dict(), (5, 7))])  # default patch 9 is larger than the map: all borders
+def test_attention_san_matches_naive_loop(kw, hw):
+    m = _attn_make('san', 16, **kw).double()
+    with torch.no_grad():  # nonzero biases so the test sees them
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    x = torch.randn(2, 16, *hw, dtype=torch.float64)
+    y, w = m(x, return_weights=True)
+    y0, w0 = _naive_attend(m, x, x, x, x)
+    assert w.shape == (2, m.groups, m.patch ** 2, *hw)
+    assert (y - y0).abs().max() < 1e-5 and (w - w0).abs().max() < 1e-5
+    assert (y - x).abs().max() > 1e-2  # the attention branch is not zero at init (residual + attention)
+
+
+@pytest.mark.parametrize('eq,srcs', [(8, 'rrp'), (1, 'prr'), (2, 'prp')])
+def test_attention_ref_routes_k_q_v(eq, srcs):
+    m = _attn_make('ref', 16, eq=eq, patch=3, reduction=4, share=4).double()
+    pri, ref = torch.randn(2, 16, 5, 6, dtype=torch.float64), torch.randn(2, 16, 5, 6, dtype=torch.float64)
+    seen = {}
+    for name in ('key', 'query', 'value'):
+        getattr(m, name).register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, inp[0]))
+    y = m(pri, ref)
+    src = {'p': pri, 'r': ref}
+    for name, c in zip(('key', 'query', 'value'), srcs):  # which projection sees which image
+        assert seen[name] is src[c], (eq, name)
+    y0, _ = _naive_attend(m, src[srcs[0]], src[srcs[1]], src[srcs[2]], pri)
+    assert (y - y0).abs().max() < 1e-5
+    # perturbing the reference changes the output and exactly the projections fed by it
+    ref2 = ref + 1
+    assert (m(pri, ref2) - y).abs().max() > 1e-3
+    for name, c in zip(('key', 'query', 'value'), srcs):
+        assert seen[name] is (ref2 if c == 'r' else pri), (eq, name)
+
+
+def test_attention_ref_eq8_value_only_from_primary():
+    m = _attn_make('ref', 16, eq=8, patch=3, reduction=4, share=4)
+    pri, ref = torch.randn(2, 16, 6, 6), torch.randn(2, 16, 6, 6, requires_grad=True)
+    y = m(pri, ref)
+    gy = torch.randn_like(y)
+    g_ref, = torch.autograd.grad(y, ref, gy, retain_graph=True)
+    assert g_ref.abs().max() > 0  # the reference steers the output through K and Q ...
+    with torch.no_grad():  # ... but with V(T_pri) zeroed the attention part vanishes: out = T_pri
+        m.value.weight.zero_()
+        m.value.bias.zero_()
+    assert torch.equal(m(pri, ref), pri)
+    with pytest.raises(ValueError, match='eq'):
+        attention.RefAttention(16, eq=3)
+
+
+def test_attention_sagan_is_identity_at_init():
+    x = torch.randn(2, 16, 5, 7)
+    assert torch.equal(_attn_make('sagan', 16)(x), x)
+
+
+@pytest.mark.parametrize('kind', ATTN_KINDS)
+def test_attention_every_parameter_gets_a_gradient(kind):
+    m = _attn_make(kind, 16)
+    x = torch.randn(2, 16, 6, 5)
+    _attn_run(m, x).mul(torch.randn(2, 16, 6, 5)).sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name  # DDP without find_unused_parameters needs all in the graph
+        if kind != 'sagan' or name == 'gamma':
+            assert p.grad.abs().max() > 0, name
+    if kind == 'sagan':  # gamma = 0 at init zeroes the others' gradients; they flow once gamma moves
+        with torch.no_grad():
+            m.gamma.fill_(0.5)
+        m.zero_grad()
+        _attn_run(m, x).mul(torch.randn_like(x)).sum().backward()
+        assert all(p.grad.abs().max() > 0 for p in m.parameters())
+
+
+@pytest.mark.parametrize('kind', ATTN_KINDS)
+def test_attention_double_backward(kind):  # R1 in D and path length in G differentiate input gradients
+    m = _attn_make(kind, 8, patch=5)
+    if kind == 'sagan':
+        with torch.no_grad():
+            m.gamma.fill_(0.5)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    g, = torch.autograd.grad(_attn_run(m, x).square().sum(), x, create_graph=True)
+    g.square().sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_attention_san_default_budget_at_512():
+    C = 512
+    with torch.device('meta'):
+        m = attention.SAN(C)
+    s, Ck, G, D = 9, C // 32, C // 16, C
+    formula = 2 * (C * Ck + Ck) + C * C + C + (s * s * Ck + Ck) * D + D + D * s * s * G + s * s * G
+    n = attention.count_params(m)
+    assert n == formula == 2_281_024
+    conv_affine = 9 * C * C + C * C
+    assert n <= conv_affine - 340_000 + 1_000 and abs(conv_affine - n - 340_000) < 1_000  # Table 2.4: -0.34M
+    assert attention.flops(m, (1, C, 32, 32)) == 2_318_848 * 1024 <= 9 * C * C * 1024  # <= the 3x3 conv
+
+
+@pytest.mark.parametrize('kind', ATTN_KINDS)
+def test_attention_flops_match_torch_flop_counter(kind):
+    m = _attn_make(kind, 16, patch=5)
+    x = torch.randn(2, 16, 6, 5)
+    with FlopCounterMode(display=False) as counter:
+        _attn_run(m, x)
+    macs = counter.get_total_flops() // 2
+    if kind in ('san', 'ref'):  # the elementwise aggregation (Eq. 2.6) is invisible to the counter
+        macs += 2 * m.patch ** 2 * 16 * 30
+    assert attention.flops(m, x.shape) == macs
+    assert attention.flops(torch.nn.Conv2d(16, 16, 3, padding=1), x.shape) == 2 * 30 * 9 * 16 * 16
+
+
+@pytest.mark.parametrize('kind', ATTN_KINDS)
+def test_attention_autocast_bf16_and_channels_last(kind):
+    m = _attn_make(kind, 16, patch=5)
+    if kind == 'sagan':
+        with torch.no_grad():
+            m.gamma.fill_(0.5)
+    x = torch.randn(2, 16, 6, 7)
+    ref = torch.randn(2, 16, 6, 7)
+    y = _attn_run(m, x, ref)
+    xc = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    yc = _attn_run(m, xc, ref.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(yc, y, atol=1e-5)
+    yc.sum().backward()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        yb = _attn_run(m, xc, ref)
+    assert yb.shape == y.shape and torch.isfinite(yb).all()
+    assert (yb.float() - y).abs().max() < 0.05 * y.abs().max()
+    yb.float().sum().backward()
+
+
+@pytest.mark.parametrize('kind', ATTN_KINDS)
+def test_attention_compiles_without_graph_breaks(kind):
+    m = _attn_make(kind, 8, patch=3)
+    x = torch.randn(2, 8, 5, 5)
+    cm = torch.compile(m, backend='eager', fullgraph=True)  # dynamo tracing only: no inductor codegen
+    assert torch.allclose(_attn_run(cm, x), _attn_run(m, x), atol=1e-6)
+
+
+def test_attention_factory():
+    for kind, cls in [('san', attention.SAN), ('sagan', attention.SAGAN), ('dfn', attention.DFN), ('vt', attention.VT)]:
+        assert type(attention.self_attention(kind, 8)) is cls
+    with pytest.raises(ValueError, match='san, sagan, dfn, vt'):
+        attention.self_attention('nonlocal', 8)
+    with pytest.raises(ValueError, match='odd'):
+        attention.SAN(8, patch=4)
+
+
+# ---- attention inside G and D (model.py integration)
+
+@pytest.mark.parametrize('g_attn', ['none', 'san', 'sagan', 'dfn', 'vt'])
+@pytest.mark.parametrize('d_attn', ['none', 'self', 'ref'])
+def test_attention_every_combination_forward_backward(g_attn, d_attn):
+    G, D = tiny(g_attn=g_attn, d_attn=d_attn)
+    z, ref = torch.randn(4, 32), torch.rand(4, 3, 16, 16) * 2 - 1
+    img = G(z)
+    logits = D(img, ref) if d_attn == 'ref' else D(img)
+    assert img.shape == (4, 3, 16, 16) and logits.shape == (4,)
+    (logits.sum() + img.square().mean()).backward()
+    missing = [n for n, p in list(G.named_parameters()) + list(D.named_parameters()) if p.grad is None]
+    assert not missing, missing  # every parameter takes part (manual DDP gradient sync relies on it)
+    if g_attn != 'none':
+        layer = G.synthesis.b8.conv1
+        assert isinstance(layer.attn, torch.nn.Module) and not hasattr(layer, 'weight') and not hasattr(layer, 'affine')
+
+
+def test_reference_attention_discriminator_is_siamese():
+    _, D = tiny(d_attn='ref')
+    _, D_self = tiny(d_attn='self')
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    assert n(D) == n(D_self)  # the reference branch adds no parameters: shared (Siamese) layers
+    assert isinstance(D.b8.conv0.attn, attention.RefAttention)
+    torch.manual_seed(0)
+    img, ref, ref2 = (torch.rand(4, 3, 16, 16) * 2 - 1 for _ in range(3))
+    with pytest.raises(ValueError, match='reference'):
+        D(img)
+    a, b = D(img, ref), D(img, ref2)
+    assert not torch.allclose(a, b)  # the output depends on the reference (through K and Q)
+    assert D(img[:2], ref[:2]).shape == (2,)
+    ref_ = ref.clone().requires_grad_(True)
+    D(img, ref_).sum().backward()
+    assert ref_.grad.abs().sum() > 0  # gradients reach the reference image too
+
+
+def test_attention_training_steps(tmp_path):
+    for g_attn, d_attn, loss in [('san', 'ref', 'contrastive'), ('sagan', 'self', 'hinge'), ('dfn', 'none', 'wgan'),
+                                 ('vt', 'ref', 'sat'), ('none', 'self', 'nonsat')]:
+        out = run_train(tmp_path, '--kimg', '0.016', '--g-attn', g_attn, '--g-attn-res', '8', '--d-attn', d_attn,
+                        '--loss', loss, '--warmup-kimg', '0.008', '--gamma', '1', '--r1-interval', '2',
+                        '--pl-weight', '2', '--pl-interval', '2', name=f'{g_attn}-{d_attn}')
+        ck = load(glob.glob(f'{out}/ckpt-*.pt')[0])
+        assert ck['args']['g_attn'] == g_attn and ck['args']['d_attn'] == d_attn
+        nets = model.load_checkpoint(glob.glob(f'{out}/ckpt-*.pt')[0])
+        assert nets['D'].needs_ref == (d_attn == 'ref')
+
+
+# ==============================================================================================
+# EqGAN-SA: heatmaps, SEL (model.py), GradCAM and alignment (losses.py)
+
+TINY_G = dict(z_dim=32, w_dim=32, channel_base=256, channel_max=32, map_layers=2)
+
+
+def tiny_g(sel='norm', heatmap='hier', res=16):
+    torch.manual_seed(0)
+    return model.Generator(res, **TINY_G, sel=sel, heatmap=heatmap)
+
+
+def tiny_d(res=16, **kw):
+    torch.manual_seed(1)
+    return model.Discriminator(res, channel_base=256, channel_max=32, **kw).requires_grad_(False)
+
+
+def sp_make(heatmap='hier', sel='norm', res=16):
+    return model.make_spatial_encoding(sel, heatmap, res, model.channels_per_res(256, 32, res))
+
+
+def sp_draw(sp, n, seed=0):
+    return sp.sample(n, 'cpu', torch.Generator().manual_seed(seed))
+
+
+def set_alpha(G, value):
+    with torch.no_grad():
+        for name, p in G.named_parameters():
+            if name.endswith('.alpha'):
+                p.fill_(value)
+
+
+def corr(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return ((a * b).mean() / (a.std(unbiased=False) * b.std(unbiased=False))).item()
+
+
+# ==============================================================================================
+# Heatmap sampling
+
+def test_level0_centre_is_truncated_normal():
+    """Level 0 ~ N(1/2, (1/3)^2) per axis re-drawn while outside [0, 1]: the moments of the normal
+    truncated at +-1.5 std, mean 1/2 and std (1/3) sqrt(1 - 2 a phi(a) / (2 Phi(a) - 1)), a = 1.5."""
+    c = sp_draw(sp_make(), 40000)['centers']
+    assert c.shape == (40000, 7, 2)
+    c0 = c[:, 0]
+    assert c0.min() >= 0 and c0.max() <= 1
+    a = 1.5
+    phi, Z = math.exp(-a * a / 2) / math.sqrt(2 * math.pi), math.erf(a / math.sqrt(2))
+    std = (1 / 3) * math.sqrt(1 - 2 * a * phi / Z)  # 0.2476 (untruncated: 0.333)
+    assert torch.allclose(c0.mean(0), torch.tensor([0.5, 0.5]), atol=0.005)
+    assert torch.allclose(c0.std(0), torch.tensor([std, std]), atol=0.004)
+    assert abs(corr(c0[:, 0], c0[:, 1])) < 0.03  # x and y independent
+    # the truncated CDF at the quartiles of the untruncated law: P(c < 1/2 - (1/3) 0.6745) = (0.25 - Phi(-a)) / Z
+    q = 0.5 - 0.6745 / 3
+    assert abs((c0[:, 0] < q).float().mean().item() - (0.25 - (1 - Z) / 2) / Z) < 0.01
+
+
+def test_hier_finer_centres_follow_level0():
+    c = sp_draw(sp_make('hier'), 40000)['centers']
+    off = c[:, 1:] - c[:, :1]  # [N, 6, 2]
+    assert torch.allclose(off.mean((0, 1)), torch.zeros(2), atol=0.004)
+    assert torch.allclose(off.flatten(0, 1).std(0), torch.full([2], 1 / 6), atol=0.003)
+    # corr(c1, c0) = sqrt(var c0 / (var c0 + 1/36)) = 0.83; offsets independent of c0
+    assert corr(c[:, 1, 0], c[:, 0, 0]) > 0.78 and corr(c[:, 5, 1], c[:, 0, 1]) > 0.78
+    assert abs(corr(off[:, 0, 0], c[:, 0, 0])) < 0.03
+
+
+def test_nonhier_centres_are_independent():
+    c = sp_draw(sp_make('nonhier'), 40000)['centers']
+    assert c.min() >= 0 and c.max() <= 1  # every centre drawn like level 0
+    for k in (1, 3, 6):
+        assert abs(corr(c[:, k, 0], c[:, 0, 0])) < 0.03 and abs(corr(c[:, k, 1], c[:, 0, 1])) < 0.03
+        assert abs(c[:, k].std(0).mean().item() - c[:, 0].std(0).mean().item()) < 0.005
+
+
+def test_heatmaps_deterministic_and_render_reproduces_sample():
+    sp = sp_make('hier')
+    h1, h2, h3 = sp_draw(sp, 8, seed=3), sp_draw(sp, 8, seed=3), sp_draw(sp, 8, seed=4)
+    assert all(torch.equal(h1[k], h2[k]) for k in h1)
+    assert not torch.equal(h1['centers'], h3['centers'])
+    again = sp.render(h1['centers'])
+    assert set(again) == {'centers', 'h4', 'h8', 'h16'}
+    assert all(torch.allclose(again[k], h1[k]) for k in h1)
+    hn = sp_make('noise')
+    assert torch.equal(sp_draw(hn, 4, 1)['h16'], sp_draw(hn, 4, 1)['h16'])
+
+
+def test_render_values():
+    """Eq. 2 with peak 1 and std one cell of the level's grid; H = sum of the level's sub-maps; (x, y) = (column, row)."""
+    sp = sp_make('hier')
+    c = torch.tensor([[[0.375, 0.625]] + [[0.3125, 0.5625]] * 2 + [[0.0, 0.0]] * 3 + [[0.96875, 0.03125]]])  # [1, 7, 2]
+    h = sp.render(c)
+    s0 = 1 / 4
+    d2 = lambda x, y, cx, cy: (x - cx) ** 2 + (y - cy) ** 2
+    assert h['h4'][0, 0, 2, 1].item() == pytest.approx(1.0)  # row 2 (y = 0.625), column 1 (x = 0.375)
+    assert h['h4'][0, 0, 0, 3].item() == pytest.approx(math.exp(-d2(0.875, 0.125, 0.375, 0.625) / (2 * s0 ** 2)), rel=1e-5)
+    assert h['h8'][0, 0, 4, 2].item() == pytest.approx(2.0)  # two coincident level-1 blobs sum
+    assert h['h16'][0, 0, 0, 15].item() == pytest.approx(1.0, abs=1e-3)  # the last blob's own pixel (others far)
+    assert h['h16'][0, 0, 0, 0].item() == pytest.approx(3 * math.exp(-2 * (1 / 32) ** 2 / (2 * (1 / 16) ** 2)), rel=1e-5)
+    assert sp.render(c.repeat(3, 1, 1))['h8'].shape == (3, 1, 8, 8)
+    with pytest.raises(ValueError, match='centers must be'):
+        sp.render(c[:, :3])
+
+
+def test_levels_follow_resolution_and_noise_mode():
+    sp8 = sp_make('hier', res=8)
+    h = sp_draw(sp8, 5)
+    assert set(h) == {'centers', 'h4', 'h8'} and h['centers'].shape == (5, 3, 2)
+    hn = sp_draw(sp_make('noise'), 4000)
+    assert set(hn) == {'h4', 'h8', 'h16'}  # noise maps have no centres
+    assert abs(hn['h16'].mean().item()) < 0.01 and abs(hn['h16'].std().item() - 1) < 0.01
+    with pytest.raises(ValueError, match='noise'):
+        sp_make('noise').render(torch.zeros(1, 7, 2))
+
+
+def test_shift():
+    c = sp_draw(sp_make('hier'), 2)['centers']
+    d = torch.tensor([0.1, -0.2])
+    assert torch.allclose(sp_make('hier').shift(c, 0.1, -0.2), c + d)  # hier: the finer centres move along
+    moved = sp_make('nonhier').shift(c, 0.1, -0.2)
+    assert torch.allclose(moved[:, 0], c[:, 0] + d) and torch.equal(moved[:, 1:], c[:, 1:])
+    target = torch.tensor([[0.5, 0.5], [0.2, 0.9]])  # per-sample: place level 0 at a given point
+    moved = sp_make('hier').shift(c, target[:, 0] - c[:, 0, 0], target[:, 1] - c[:, 0, 1])
+    assert torch.allclose(moved[:, 0], target) and torch.allclose(moved - moved[:, :1], c - c[:, :1], atol=1e-6)
+    moved = sp_make('hier').shift(c, 0.1, -0.2, level=1)
+    assert torch.allclose(moved[:, 1:3], c[:, 1:3] + d) and torch.equal(moved[:, [0, 3, 4, 5, 6]], c[:, [0, 3, 4, 5, 6]])
+
+
+def test_make_spatial_encoding_kinds():
+    ch = model.channels_per_res(256, 32, 32)
+    assert model.make_spatial_encoding('none', 'hier', 32, ch) is None
+    with pytest.raises(ValueError, match='--sel'):
+        model.make_spatial_encoding('spade', 'hier', 32, ch)
+    with pytest.raises(ValueError, match='--heatmap'):
+        model.make_spatial_encoding('norm', 'gauss', 32, ch)
+    fl = model.make_spatial_encoding('flatten', 'hier', 32, ch)
+    h = sp_draw(fl, 3)
+    assert fl.flat_dim == 16 + 64 + 256 and fl.flat(h).shape == (3, 336) and fl.encode(h) == {}
+    assert fl.sel_for(8) is None and len(list(fl.parameters())) == 0
+    no = model.make_spatial_encoding('norm', 'hier', 32, ch)
+    assert no.flat_dim == 0 and no.flat(h) is None and no.sel_for(32) is None
+    assert {r: v.shape for r, v in no.encode(h).items()} == {r: (3, model.HEAT_HIDDEN, r, r) for r in (4, 8, 16)}
+
+
+# ==============================================================================================
+# Spatial encoding layers
+
+@pytest.mark.parametrize('sel', ['norm', 'concat'])
+def test_sel_is_identity_at_init(sel):
+    """alpha starts at 0: every SEL returns its input exactly, and G equals the same G without SELs."""
+    G = tiny_g(sel, res=32)
+    assert G.synthesis.b32.sel is None and all(getattr(G.synthesis, f'b{r}').sel is not None for r in (4, 8, 16))
+    h = G.sample_heatmaps(2, 'cpu', torch.Generator().manual_seed(0))
+    hf = G.spatial.encode(h)
+    x = torch.randn(2, 32, 8, 8)
+    for layer in G.synthesis.b8.sel:
+        assert torch.equal(layer(x, hf[8]), x)
+    z = torch.randn(2, 32)
+    img = G(z, heatmaps=h, noise_mode='const')
+    G.synthesis.b16.sel = G.synthesis.b8.sel = G.synthesis.b4.sel = None  # the plain StyleGAN2 block
+    assert torch.equal(G(z, heatmaps=h, noise_mode='const'), img)
+
+
+def test_sel_norm_eq3():
+    """With phi_sigma = 1 + g and phi_mu = b constant maps, SEL_norm(F) = F + alpha ((1 + g) IN(F) + b)."""
+    G = tiny_g('norm')
+    layer = G.synthesis.b8.sel[1]
+    with torch.no_grad():
+        layer.alpha.copy_(torch.linspace(-1, 1, 32))
+        for conv, v in ((layer.gamma, 0.5), (layer.beta, -0.3)):
+            conv.weight.zero_()
+            conv.bias.fill_(v)
+    x = torch.randn(3, 32, 8, 8) * 3 + 2
+    h = G.spatial.encode(G.sample_heatmaps(3, 'cpu'))[8]
+    want = x + layer.alpha.view(1, -1, 1, 1) * (1.5 * F.instance_norm(x, eps=1e-5) - 0.3)
+    assert torch.allclose(layer(x, h), want, atol=1e-5)
+    # and the scale map really is point-wise in the heatmap: phi_sigma(H) = 1 + conv3x3(h)
+    with torch.no_grad():
+        layer.gamma.weight.normal_()
+    y = layer(x, h) - x
+    g = 1 + F.conv2d(h, layer.gamma.weight * layer.gamma.weight_gain, layer.gamma.bias, padding=1)  # [3, 1, 8, 8]
+    assert torch.allclose(y, layer.alpha.view(1, -1, 1, 1) * (g * F.instance_norm(x, eps=1e-5) - 0.3), atol=1e-4)
+
+
+@pytest.mark.parametrize('heatmap', ['hier', 'nonhier', 'noise'])
+@pytest.mark.parametrize('sel', ['norm', 'concat', 'flatten'])
+def test_generator_every_combination(sel, heatmap):
+    G = tiny_g(sel, heatmap)
+    set_alpha(G, 0.5)  # as after some training (at init the SELs are the identity)
+    gen = torch.Generator().manual_seed(0)
+    h = G.sample_heatmaps(2, 'cpu', gen)
+    z = torch.randn(2, 32)
+    img = G(z, heatmaps=h, noise_mode='const')
+    assert img.shape == (2, 3, 16, 16) and img.isfinite().all()
+    if heatmap == 'noise':
+        other = G.sample_heatmaps(2, 'cpu', gen)
+    else:
+        other = G.spatial.render(G.spatial.shift(h['centers'], 0.2, -0.1))
+    diff = (G(z, heatmaps=other, noise_mode='const') - img).abs().amax((1, 2, 3))
+    assert (diff > 1e-4).all()  # moving the heatmap changes every sample
+    assert G(z, noise_mode='const').shape == (2, 3, 16, 16)  # samples its own heatmaps
+    if sel == 'flatten':
+        assert G.mapping.fc0.weight.shape[1] == 32 + 336 and G.synthesis.b8.sel is None
+
+
+# ==============================================================================================
+# GradCAM and the alignment loss
+
+def test_gradcam_linear_d():
+    """logits_i = sum_{c,y,x} W[c,y,x] A_i[c,y,x]: d logit_i / dA_i = W, weights mean_yx W_c,
+    CAM = min-max(relu(sum_c mean(W_c) A_c)); and d CAM / d input through A only."""
+    torch.manual_seed(0)
+    B, C, r = 3, 5, 4
+    W = torch.randn(C, r, r)
+    x = torch.randn(B, C, r, r, requires_grad=True)
+    A = x * 1.0
+    cam = losses.gradcam((A * W).sum((1, 2, 3)), {r: A}, [r])[r]
+    want = F.relu((W.mean((1, 2)).view(1, C, 1, 1) * x).sum(1, keepdim=True))
+    lo, hi = want.flatten(1).min(1).values.view(B, 1, 1, 1), want.flatten(1).max(1).values.view(B, 1, 1, 1)
+    want = (want - lo) / (hi - lo)
+    assert cam.shape == (B, 1, r, r) and torch.allclose(cam, want, atol=1e-6)
+
+
+def test_gradcam_differentiates_through_the_weights():
+    """Quadratic 'D' logits = sum W A^2: the weights mean_yx(2 W_c A_c) depend on the input, and the
+    gradient of a loss on the CAM must include that path (create_graph=True)."""
+    torch.manual_seed(0)
+    B, C, r = 2, 4, 4
+    W = torch.randn(C, r, r)
+    x = torch.randn(B, C, r, r, requires_grad=True)
+    target = torch.rand(B, 1, r, r)
+    cam = losses.gradcam((W * x.square()).sum((1, 2, 3)), {r: x}, [r])[r]
+    (g_cam,) = torch.autograd.grad((cam - target).abs().sum(), x)
+    xr = x.detach().clone().requires_grad_(True)
+    want = F.relu(((2 * W * xr).mean((2, 3), keepdim=True) * xr).sum(1, keepdim=True))
+    (g_want,) = torch.autograd.grad((losses.minmax(want) - target).abs().sum(), xr)
+    assert torch.allclose(g_cam, g_want, atol=1e-5)
+    xd = x.detach().clone().requires_grad_(True)  # without the weights' path the gradient differs
+    want = F.relu(((2 * W * xd.detach()).mean((2, 3), keepdim=True) * xd).sum(1, keepdim=True))
+    (g_no,) = torch.autograd.grad((losses.minmax(want) - target).abs().sum(), xd)
+    assert not torch.allclose(g_cam, g_no, atol=1e-3)
+
+
+def test_truncation_semantics():
+    err = torch.tensor([0.1, -0.3, 0.5, 0.2])
+    assert losses.truncated_l1(err, 0.25).item() == pytest.approx((0.3 + 0.5) / 4)  # paper: dead zone, mean over all
+    assert losses.truncated_l1(err, 0.25, 'official').item() == pytest.approx((0.3 + 0.5) / 2)  # mean over those > tau
+    one = torch.tensor([0.1, 0.5, -0.2, 0.1])
+    assert losses.truncated_l1(one, 0.25).item() == pytest.approx(0.5 / 4)
+    assert losses.truncated_l1(one, 0.25, 'official').item() == pytest.approx(0.9 / 4)  # < 2 exceed: mean of all
+    small = torch.tensor([0.1, -0.25, 0.2])
+    assert losses.truncated_l1(small, 0.25).item() == 0
+    with pytest.raises(ValueError, match='truncation'):
+        losses.truncated_l1(err, 0.25, 'soft')
+
+
+def test_align_loss_hand_computed():
+    """A linear 'D' whose CAM is known: L = sum over levels of the truncated mean |CAM - minmax(H)|."""
+    torch.manual_seed(0)
+    B = 2
+    x4, x8 = torch.rand(B, 1, 4, 4), torch.rand(B, 1, 8, 8)  # one channel, weight 1: CAM = minmax(x)
+    A4, A8 = x4.clone().requires_grad_(True), x8.clone().requires_grad_(True)
+    logits = A4.sum((1, 2, 3)) + A8.sum((1, 2, 3))
+    sp = sp_make('hier')
+    h = sp_draw(sp, B)
+    for tau, mode in [(0.25, 'paper'), (0.1, 'official'), (0.0, 'paper')]:
+        got = losses.align_loss(logits, {4: A4, 8: A8}, h, tau, mode)
+        want = sum(losses.truncated_l1(losses.minmax(x) - losses.minmax(h[f'h{r}']), tau, mode)
+                   for r, x in ((4, x4), (8, x8)))  # h16 has no D map: not compared
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    e = (losses.minmax(x4) - losses.minmax(h['h4'])).abs()
+    got = losses.align_loss(logits, {4: A4}, h, 0.0)
+    assert got.item() == pytest.approx(e.mean().item(), rel=1e-5)  # tau 0: the plain L1 of Eq. 4
+
+
+def test_align_grad_reaches_g_not_d():
+    G, D = tiny_g('norm', res=32), tiny_d(32)
+    set_alpha(G, 0.5)
+    h = G.sample_heatmaps(4, 'cpu', torch.Generator().manual_seed(0))
+    logits, maps = D(G(torch.randn(4, 32), heatmaps=h), return_maps=True)
+    assert sorted(maps) == [4, 8, 16]
+    loss = losses.align_loss(logits, maps, h)
+    assert loss.item() > 0
+    loss.backward()
+    assert all(p.grad is None for p in D.parameters())
+    for name in ('synthesis.b32.conv1.weight', 'synthesis.b8.sel.0.gamma.weight', 'spatial.enc.16.weight', 'mapping.fc0.weight'):
+        assert G.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_align_with_reference_attention_d():
+    """Siamese D: maps above the fusion (8x8) hold 2B rows; the CAM keeps the primaries."""
+    if not hasattr(model.attention, 'RefAttention'):
+        pytest.skip('attention.py has no RefAttention yet')
+    G, D = tiny_g('norm', res=32), tiny_d(32, d_attn='ref', d_attn_res=16)
+    set_alpha(G, 0.5)
+    h = G.sample_heatmaps(2, 'cpu', torch.Generator().manual_seed(0))
+    ref = torch.randn(2, 3, 32, 32)
+    logits, maps = D(G(torch.randn(2, 32), heatmaps=h), ref, return_maps=True)
+    assert maps[16].shape[0] == 4 and maps[8].shape[0] == 2 and logits.shape == (2,)
+    cams = losses.gradcam(logits, maps, [8, 16])
+    assert cams[16].shape == (2, 1, 16, 16) and cams[8].shape == (2, 1, 8, 8)
+    (g,) = torch.autograd.grad(logits.sum(), maps[16], retain_graph=True)  # [4, C, 16, 16]
+    assert g[2:].abs().sum() > 0  # the references take part in the score ...
+    want = F.relu((g[:2].mean((2, 3), keepdim=True) * maps[16][:2]).sum(1, keepdim=True))
+    assert torch.allclose(cams[16], losses.minmax(want), atol=1e-5)  # ... but the CAM is the primaries'
+    loss = losses.align_loss(logits, maps, h)
+    loss.backward()
+    assert loss.isfinite() and all(p.grad is None for p in D.parameters())
+    assert G.synthesis.b16.sel[1].alpha.grad.abs().sum() > 0
+
+
+# ==============================================================================================
+# data.py
+
+# ---- synthetic dataset
+
+def test_synthetic_deterministic_per_index_and_varied():
+    a, b = data.SyntheticShapes(32, 100, seed=0), data.SyntheticShapes(32, 100, seed=0)
+    assert torch.equal(a[7], b[7]) and torch.equal(a[7], a[7])
+    imgs = torch.stack([a[i] for i in range(20)])
+    assert len({x.numpy().tobytes() for x in imgs}) == 20                        # every index differs
+    assert not torch.equal(data.SyntheticShapes(32, 100, seed=1)[7], a[7])       # the seed matters
+    assert (imgs.float().std(dim=(1, 2, 3)) > 5).all()                           # no blank images
+    assert (imgs.float().amax(1) - imgs.float().amin(1)).amax() > 100            # coloured objects on grey
+
+@pytest.mark.parametrize('res', [16, 32])
+def test_synthetic_shape_dtype(res):
+    ds = data.make_dataset(None, res, max_images=10)
+    x = ds[3]
+    assert x.shape == (3, res, res) and x.dtype == torch.uint8 and len(ds) == 10
+    assert ds.resolution == res and ds.name == 'synthetic-seed0-n10'
+
+def test_synthetic_scene_parameters():
+    ds = data.SyntheticShapes(32, 300)
+    scenes = [ds.scene(i) for i in range(300)]
+    counts = [len(s['objects']) for s in scenes]
+    assert min(counts) >= 1 and max(counts) <= 4 and set(counts) == {1, 2, 3, 4}
+    objs = [o for s in scenes for o in s['objects']]
+    assert {o['shape'] for o in objs} == {'sphere', 'cube', 'cylinder'}
+    assert {o['colour'] for o in objs} == set(range(8)) and {o['metal'] for o in objs} == {True, False}
+    assert all([o['z'] for o in s['objects']] == sorted([o['z'] for o in s['objects']], reverse=True) for s in scenes)  # far first
+
+def test_synthetic_resolutions_agree():
+    # the same scene at two resolutions: the 64 px render box-downsampled is close to the 32 px one
+    x32, x64 = data.SyntheticShapes(32, 10)[2].float(), data.SyntheticShapes(64, 10)[2].float()
+    down = torch.nn.functional.avg_pool2d(x64[None], 2)[0]
+    assert (down - x32).abs().mean() < 4
+
+def test_data_bad_resolution():
+    with pytest.raises(data.DataError, match='48 is not a power of two'):
+        data.make_dataset(None, 48)
+    with pytest.raises(data.DataError):
+        data.make_dataset(None, 4096)
+
+# ---- image folders and zips
+
+def _data_png(im):
+    buf = io.BytesIO()
+    im.save(buf, format='PNG')
+    return buf.getvalue()
+
+def _data_mixed_images():
+    """name -> (PIL image, expected uint8 [3, 32, 32] or None when only the shape is checked)."""
+    out = {}
+    g = Image.new('L', (32, 32), 77)
+    out['a/gray.png'] = (g, np.full((3, 32, 32), 77))
+    la = Image.new('LA', (32, 32), (100, 255))
+    la.putpixel((0, 0), (0, 0))                                           # fully transparent -> white
+    exp = np.full((3, 32, 32), 100); exp[:, 0, 0] = 255
+    out['a/la.png'] = (la, exp)
+    rgba = Image.new('RGBA', (32, 32), (200, 0, 0, 255))
+    rgba.putpixel((1, 0), (0, 0, 0, 0))
+    exp = np.zeros((3, 32, 32)); exp[0] = 200; exp[:, 0, 1] = 255
+    out['b/rgba.PNG'] = (rgba, exp)                                       # upper-case extension
+    p = Image.new('P', (32, 32), 1)
+    p.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    p.info['transparency'] = 0                                            # palette entry 0 is transparent -> white
+    p.putpixel((2, 0), 0)
+    exp = np.broadcast_to(np.array([10, 20, 30])[:, None, None], (3, 32, 32)).copy(); exp[:, 0, 2] = 255
+    out['b/pal.png'] = (p, exp)
+    out['c/i16.png'] = (Image.new('I;16', (32, 32), 40000), np.full((3, 32, 32), 156))  # 40000 / 257 = 155.6, not clipped to 255
+    out['c/cmyk.jpg'] = (Image.new('CMYK', (32, 32), (0, 255, 255, 0)), None)  # red; JPEG is lossy, checked loosely below
+    # non-square: the centre crop of a 48x32 image keeps columns 8..39, of a 32x64 one rows 16..47 (no resampling)
+    rng = np.random.default_rng(0)
+    wide, tall = rng.integers(0, 256, (32, 48), dtype=np.uint8), rng.integers(0, 256, (64, 32), dtype=np.uint8)
+    out['d/wide.png'] = (Image.fromarray(wide), np.broadcast_to(wide[:, 8:40], (3, 32, 32)))
+    out['d/tall.png'] = (Image.fromarray(tall), np.broadcast_to(tall[16:48], (3, 32, 32)))
+    big = Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))   # LANCZOS of the centre 64x64 to 32
+    out['e/big.png'] = (big, np.asarray(big.resize((32, 32), Image.LANCZOS, box=(16, 0, 80, 64))).transpose(2, 0, 1))
+    return out
+
+def _data_write_folder(root, images):
+    for name, (im, _) in images.items():
+        os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+        im.save(os.path.join(root, name))
+
+def _data_check_mixed(ds, images):
+    names = sorted(images, key=str)
+    assert ds.names == names and len(ds) == len(images) and ds.resolution == 32
+    for i, name in enumerate(names):
+        x, expected = ds[i], images[name][1]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.uint8, name
+        if expected is not None:
+            assert np.array_equal(x.numpy(), expected), name
+    red = ds[names.index('c/cmyk.jpg')].float().mean((1, 2))
+    assert red[0] > 230 and red[1] < 25 and red[2] < 25
+
+def test_data_folder_mixed_modes(tmp_path):
+    images = _data_mixed_images()
+    _data_write_folder(tmp_path / 'imgs', images)
+    (tmp_path / 'imgs' / 'notes.txt').write_text('not an image, and ignored')
+    os.makedirs(tmp_path / 'imgs' / '.ipynb_checkpoints')
+    (tmp_path / 'imgs' / '.ipynb_checkpoints' / 'junk.png').write_text('ignored too')
+    ds = data.make_dataset(str(tmp_path / 'imgs'), 32)
+    _data_check_mixed(ds, images)
+    assert ds.name.startswith('imgs-') and ds.name.endswith(f'-n{len(images)}')
+    assert len(data.make_dataset(str(tmp_path / 'imgs'), 32, max_images=3)) == 3
+
+def test_data_zip_dataset_tool_layout(tmp_path):
+    images = _data_mixed_images()
+    # stylegan2-ada dataset_tool: 00000/img00000000.png ... and a dataset.json (ignored here)
+    renamed = {f'{i // 4:05d}/img{i:08d}.png': (im.convert('RGB') if im.mode == 'CMYK' else im, exp)
+               for i, (im, exp) in enumerate(images.values())}
+    path = tmp_path / 'ds.zip'
+    with zipfile.ZipFile(path, 'w') as z:
+        z.writestr('dataset.json', json.dumps({'labels': None}))
+        z.writestr('__MACOSX/00000/._img00000000.png', b'resource fork debris')
+        for name, (im, _) in renamed.items():
+            z.writestr(name, _data_png(im))
+    ds = data.make_dataset(str(path), 32)
+    assert ds.names == sorted(renamed)
+    for i, name in enumerate(ds.names):
+        if renamed[name][1] is not None:
+            assert np.array_equal(ds[i].numpy(), renamed[name][1]), name
+    ds._zipfile()                                                          # an open handle must not break pickling
+    assert torch.equal(pickle.loads(pickle.dumps(ds))[0], ds[0])
+
+# ---- bad input
+
+def test_data_missing_and_empty(tmp_path):
+    with pytest.raises(data.DataError, match='does not exist'):
+        data.make_dataset(str(tmp_path / 'nope'), 32)
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'a.txt').write_text('x')
+    with pytest.raises(data.DataError, match='no images .* found under .*empty'):
+        data.make_dataset(str(tmp_path / 'empty'), 32)
+    with zipfile.ZipFile(tmp_path / 'e.zip', 'w') as z:
+        z.writestr('dataset.json', '{}')
+    with pytest.raises(data.DataError, match='no images .* found under .*e.zip'):
+        data.make_dataset(str(tmp_path / 'e.zip'), 32)
+    (tmp_path / 'f.png').write_bytes(_data_png(Image.new('RGB', (32, 32))))
+    with pytest.raises(data.DataError, match='not a .zip'):
+        data.make_dataset(str(tmp_path / 'f.png'), 32)
+
+def _data_bad_folder(root):
+    os.makedirs(root)
+    for i in range(4):
+        Image.new('RGB', (32, 32), (i * 50, 0, 0)).save(os.path.join(root, f'ok{i}.png'))
+    with open(os.path.join(root, 'fake.jpg'), 'w') as f:
+        f.write('<html>not an image</html>')
+    Image.new('RGB', (20, 40)).save(os.path.join(root, 'small.png'))
+    full = _data_png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    with open(os.path.join(root, 'ok2_trunc.png'), 'wb') as f:            # sorts between ok2 and ok3
+        f.write(full[:len(full) // 2])
+
+def test_data_bad_files_named(tmp_path):
+    root = str(tmp_path / 'bad')
+    _data_bad_folder(root)
+    with pytest.raises(data.DataError, match=r'1 file\(s\) .* not readable images: fake.jpg') as e:
+        data.make_dataset(root, 32)
+    assert '\n' not in str(e.value) and '--skip-bad' in str(e.value)
+    os.remove(os.path.join(root, 'fake.jpg'))
+    with pytest.raises(data.DataError, match=r'1 image\(s\) .* smaller than --resolution 32.*small.png.*lower --resolution') as e:
+        data.make_dataset(root, 32)
+    os.remove(os.path.join(root, 'small.png'))
+    ds = data.make_dataset(root, 32)                                      # truncation is found when decoded
+    ds[0]
+    with pytest.raises(data.DataError, match='ok2_trunc.png could not be decoded') as e:
+        ds[ds.names.index('ok2_trunc.png')]
+    assert '\n' not in str(e.value)
+
+def test_data_skip_bad(tmp_path, capsys):
+    root = str(tmp_path / 'bad')
+    _data_bad_folder(root)
+    ds = data.make_dataset(root, 32, skip_bad=True)
+    assert ds.names == ['ok0.png', 'ok1.png', 'ok2.png', 'ok2_trunc.png', 'ok3.png']
+    assert {n for n, _ in ds.bad} == {'fake.jpg', 'small.png'}
+    i = ds.names.index('ok2_trunc.png')
+    x = ds[i]
+    assert torch.equal(x, ds[i + 1]) and ds.num_skipped == 1              # deterministic substitute: the next good file
+    ds[i]
+    assert ds.num_skipped == 2
+    err = capsys.readouterr().err
+    assert err.count('skipping') == 1 and 'ok2_trunc.png' in err           # warned once per file
+    bad = data.check_images(root, 32)
+    assert [n for n, _ in bad] == ['fake.jpg', 'ok2_trunc.png', 'small.png']
+    assert data.main(['--data', root, '--check']) == 1
+    out = capsys.readouterr().out
+    assert all(n in out for n in ('fake.jpg', 'ok2_trunc.png', 'small.png'))
+
+# ---- loader
+
+class _IndexedData(torch.utils.data.Dataset):
+    """Item i: pixel values encode i; columns differ, so an x-flip is visible."""
+    def __init__(self, n):
+        self.n = n
+    def __len__(self):
+        return self.n
+    def __getitem__(self, i):
+        x = torch.zeros(3, 4, 4, dtype=torch.uint8)
+        x[0], x[1] = i % 256, i // 256
+        x[2] = torch.arange(4, dtype=torch.uint8)
+        return x
+
+def _data_ids(batch):  # [b, 3, 4, 4] -> dataset indices
+    return (batch[:, 0, 0, 0].long() + 256 * batch[:, 1, 0, 0].long()).tolist()
+
+def _data_take(loader, k):
+    return [next(loader) for _ in range(k)]
+
+def test_loader_order_epochs_and_determinism():
+    ds = _IndexedData(10)
+    a = _data_take(data.InfiniteLoader(ds, 4, seed=3, workers=0), 10)         # 40 positions = 4 epochs
+    b = _data_take(data.InfiniteLoader(ds, 4, seed=3, workers=0), 10)
+    c = _data_take(data.InfiniteLoader(ds, 4, seed=4, workers=0), 10)
+    assert all(x.shape == (4, 3, 4, 4) and x.dtype == torch.uint8 for x in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    ids = sum((_data_ids(x) for x in a), [])
+    assert ids != sum((_data_ids(x) for x in c), [])
+    epochs = [ids[i:i + 10] for i in range(0, 40, 10)]
+    assert all(sorted(e) == list(range(10)) for e in epochs)              # each epoch is a permutation
+    assert len({tuple(e) for e in epochs}) > 1                            # reshuffled per epoch
+
+def test_loader_resume():
+    ds = _IndexedData(7)
+    full = sum((_data_ids(x) for x in _data_take(data.InfiniteLoader(ds, 3, seed=1, workers=0), 8)), [])
+    resumed = sum((_data_ids(x) for x in _data_take(data.InfiniteLoader(ds, 3, seed=1, start_nimg=9, workers=0), 5)), [])
+    assert resumed == full[9:24]
+    odd = _data_ids(next(data.InfiniteLoader(ds, 3, seed=1, start_nimg=5, workers=0)))  # not a batch boundary
+    assert odd == full[5:8]
+
+def test_loader_world_size_invariance():
+    ds = _IndexedData(13)
+    one = _data_take(data.InfiniteLoader(ds, 6, seed=2, mirror=True, workers=0), 5)
+    r0 = _data_take(data.InfiniteLoader(ds, 3, rank=0, world_size=2, seed=2, mirror=True, workers=0), 5)
+    r1 = _data_take(data.InfiniteLoader(ds, 3, rank=1, world_size=2, seed=2, mirror=True, workers=0), 5)
+    assert all(torch.equal(x, torch.cat([a, b])) for x, a, b in zip(one, r0, r1))
+    r1_resumed = next(data.InfiniteLoader(ds, 3, rank=1, world_size=2, seed=2, start_nimg=12, mirror=True, workers=0))
+    assert torch.equal(r1_resumed, r1[2])
+
+def test_loader_mirror():
+    ds = _IndexedData(50)
+    plain = torch.cat(_data_take(data.InfiniteLoader(ds, 25, seed=5, workers=0), 4))
+    m1 = torch.cat(_data_take(data.InfiniteLoader(ds, 25, seed=5, mirror=True, workers=0), 4))
+    m2 = torch.cat(_data_take(data.InfiniteLoader(ds, 25, seed=5, mirror=True, workers=0), 4))
+    assert torch.equal(m1, m2) and _data_ids(m1) == _data_ids(plain)
+    flipped = (m1[:, 2, 0] != plain[:, 2, 0]).any(1)
+    assert torch.equal(m1[flipped], plain[flipped].flip(3)) and torch.equal(m1[~flipped], plain[~flipped])
+    assert 30 < flipped.sum() < 70                                          # about half of 100
+    other = torch.cat(_data_take(data.InfiniteLoader(ds, 25, seed=6, mirror=True, workers=0), 4))
+    assert not torch.equal(flipped, other[:, 2, 0, 0] != 0)                 # the flips depend on the seed
+
+def test_loader_workers_match_and_errors_are_one_line(tmp_path):
+    ds = _IndexedData(9)
+    w0 = _data_take(data.InfiniteLoader(ds, 4, seed=7, mirror=True, workers=0), 4)
+    w1 = _data_take(data.InfiniteLoader(ds, 4, seed=7, mirror=True, workers=1), 4)
+    assert all(torch.equal(x, y) for x, y in zip(w0, w1))
+    root = str(tmp_path / 'bad')
+    _data_bad_folder(root)
+    for f in ('fake.jpg', 'small.png'):
+        os.remove(os.path.join(root, f))
+    loader = data.InfiniteLoader(data.make_dataset(root, 32), 5, workers=1)  # one batch = one epoch: hits the truncated file
+    with pytest.raises(data.DataError, match='ok2_trunc.png could not be decoded') as e:
+        next(loader)
+    assert '\n' not in str(e.value) and 'Traceback' not in str(e.value)
+
+def test_data_save_grid(tmp_path):
+    imgs = torch.stack([data.SyntheticShapes(16, 5)[i] for i in range(5)])
+    data.save_grid(imgs, tmp_path / 'g.png')
+    g = np.asarray(Image.open(tmp_path / 'g.png'))
+    assert g.shape == (32, 48, 3)                                           # 2 rows x 3 columns
+    assert np.array_equal(g[16:, 16:32], imgs[4].permute(1, 2, 0).numpy()) and not g[16:, 32:].any()
+    data.save_grid(imgs, tmp_path / 'r.png', rows=5)
+    assert np.asarray(Image.open(tmp_path / 'r.png')).shape == (80, 16, 3)
+
+
+# ==============================================================================================
+# metrics.py
+
+# The 472 parameter/buffer names and shapes of pytorch-fid's weights file. The manifest lives in the
+# project's shared/ folder beside the checkout; its hash is kept here so the test runs without it.
+FID_MANIFEST = os.path.join(HERE, '..', 'shared', 'fid_inception_keys.json')
+FID_MANIFEST_SHA256 = '579c09ebb0c6f0f4c9f0a51099479eb353aaee1969adaaf05fbc5cefaa1f987e'
+
+
+def manifest_sha256(manifest):
+    return hashlib.sha256(json.dumps(sorted(manifest.items())).encode()).hexdigest()
+
+
+def fid_manifest():
+    if os.path.isfile(FID_MANIFEST):
+        m = json.load(open(FID_MANIFEST))
+        assert manifest_sha256(m) == FID_MANIFEST_SHA256
+        return m
+    return {k: list(v.shape) for k, v in metrics.FIDInception().state_dict().items()}
+
+
+# ---- Frechet distance -----------------------------------------------------------------------
+
+def _spd(d, seed, rank=None):
+    a = np.random.default_rng(seed).standard_normal((d, rank or d))
+    return a @ a.T / d + (0 if rank else 0.1 * np.eye(d))
+
+
+def test_frechet_diagonal_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2, a, b = rng.normal(size=5), rng.normal(size=5), rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
+    expect = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expect, rel=1e-10)
+
+
+def test_frechet_non_commuting_matches_scipy_sqrtm_and_is_symmetric():
+    s1, s2 = _spd(12, 1), _spd(12, 2)
+    mu1, mu2 = np.zeros(12), np.full(12, 0.5)
+    expect = 12 * 0.25 + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
+    fd = metrics.frechet_distance(mu1, s1, mu2, s2)
+    assert fd == pytest.approx(expect, rel=1e-9)
+    assert metrics.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(fd, rel=1e-9)
+
+
+def test_frechet_singular_covariances():
+    s1, s2 = _spd(16, 3, rank=4), _spd(16, 4, rank=5)  # rank 4 and 5 in 16 dimensions (fewer samples than features)
+    assert all(torch.linalg.cholesky_ex(torch.from_numpy(s)).info > 0 for s in (s1, s2))  # the eigh branch runs
+    # independent: tr sqrt(S1^1/2 S2 S1^1/2) = nuclear norm of S2^1/2 S1^1/2 (roots by scipy)
+    r1, r2 = (scipy.linalg.sqrtm(s).real for s in (s1, s2))
+    expect = np.trace(s1) + np.trace(s2) - 2 * np.linalg.svd(r2 @ r1, compute_uv=False).sum()
+    mu = np.ones(16)
+    assert metrics.frechet_distance(mu, s1, mu, s2) == pytest.approx(expect, rel=1e-6)
+    s3 = _spd(16, 5)  # only S1 singular: the Cholesky factor of S2 serves
+    r3 = scipy.linalg.sqrtm(s3).real
+    expect = np.trace(s1) + np.trace(s3) - 2 * np.linalg.svd(r3 @ r1, compute_uv=False).sum()
+    assert metrics.frechet_distance(mu, s1, mu, s3) == pytest.approx(expect, rel=1e-6)
+    assert abs(metrics.frechet_distance(mu, s1, mu, s1)) < 1e-12 * np.trace(s1)
+
+
+def test_fid_of_identical_feature_sets_is_zero():
+    x = torch.randn(300, 32)
+    stats = metrics.feature_stats(x)
+    assert abs(metrics.frechet_distance(*stats, *stats)) < 1e-9
+    assert np.allclose(stats[1], np.cov(x.double().numpy(), rowvar=False))
+
+
+# ---- Inception -------------------------------------------------------------------------------
+
+def _random_inception_state(with_counters):
+    g, state = torch.Generator().manual_seed(0), {}
+    for key, shape in fid_manifest().items():
+        if key.endswith('conv.weight'):  # He init: keeps activations away from denormals (slow) and zero
+            v = torch.randn(shape, generator=g) * math.sqrt(2 / np.prod(shape[1:]))
+        elif key.endswith('running_var') or key.endswith('bn.weight'):
+            v = torch.ones(shape)
+        else:
+            v = torch.randn(shape, generator=g) * 0.01
+        state[key] = v
+        if with_counters and key.endswith('running_var'):
+            state[key.replace('running_var', 'num_batches_tracked')] = torch.tensor(0)
+    return state
+
+
+@pytest.fixture(scope='module')
+def inception_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp('w') / 'inception.pth'
+    torch.save(_random_inception_state(True), path)
+    return str(path)
+
+
+def test_inception_state_dict_matches_manifest():
+    state = {k: list(v.shape) for k, v in metrics.FIDInception().state_dict().items()}
+    assert len(state) == 472 and manifest_sha256(state) == FID_MANIFEST_SHA256
+    if os.path.isfile(FID_MANIFEST):
+        assert state == json.load(open(FID_MANIFEST))
+
+
+@pytest.mark.parametrize('with_counters, res', [(True, 16), (False, 32)])
+def test_inception_loads_manifest_weights_and_gives_2048_features(tmp_path, with_counters, res):
+    state = _random_inception_state(with_counters)
+    torch.save(state, tmp_path / 'w.pth')
+    net = metrics.load_inception(str(tmp_path / 'w.pth'))
+    assert torch.equal(net.Mixed_7c.branch_pool.conv.weight, state['Mixed_7c.branch_pool.conv.weight'])
+    with torch.no_grad():
+        f = net(torch.randint(0, 256, (2, 3, res, res), dtype=torch.uint8))
+    assert f.shape == (2, 2048) and torch.isfinite(f).all() and f.abs().sum() > 0
+
+
+def test_inception_loader_reports_bad_keys_in_one_line(tmp_path):
+    state = _random_inception_state(False)
+    del state['Mixed_6b.branch7x7_2.conv.weight']
+    state['extra.weight'] = torch.zeros(1)
+    torch.save(state, tmp_path / 'w.pth')
+    with pytest.raises(metrics.MetricUnavailable) as e:
+        metrics.load_inception(str(tmp_path / 'w.pth'))
+    msg = str(e.value)
+    assert '\n' not in msg and 'Mixed_6b.branch7x7_2.conv.weight' in msg and 'extra.weight' in msg
+
+
+def test_no_weights_raises_one_line_without_downloading(tmp_path, monkeypatch):
+    monkeypatch.setenv('METRICS_NO_DOWNLOAD', '1')
+    monkeypatch.setattr(metrics.urllib.request, 'urlopen', lambda *a, **k: pytest.fail('download attempted'))
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))
+    try:
+        with pytest.raises(metrics.MetricUnavailable) as e:
+            metrics.load_inception()
+    finally:
+        torch.hub.set_dir(old)
+    msg = str(e.value)
+    assert '\n' not in msg and metrics.FID_WEIGHTS_URL in msg and '--fid-weights' in msg
+
+
+def test_tf1_resize_by_hand():
+    img = torch.arange(20.).view(1, 1, 4, 5) ** 1.5
+    out = metrics.resize_tf1(img, 6, 3)
+    for y in range(6):
+        for x in range(3):
+            sy, sx = y * 4 / 6, x * 5 / 3  # TF1: source = dst * in / out, no half-pixel offset
+            y0, x0 = int(sy), int(sx)
+            y1, x1, fy, fx = min(y0 + 1, 3), min(x0 + 1, 4), sy - y0, sx - x0
+            top = img[0, 0, y0, x0] * (1 - fx) + img[0, 0, y0, x1] * fx
+            bottom = img[0, 0, y1, x0] * (1 - fx) + img[0, 0, y1, x1] * fx
+            assert out[0, 0, y, x] == pytest.approx(float(top * (1 - fy) + bottom * fy), rel=1e-5)
+
+
+def test_inception_input_protocols():
+    x = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)
+    assert torch.allclose(metrics._inception_input(x, 'stylegan2'), (x.float() - 128) / 128, atol=1e-6)
+    small = x[:, :, :32, :32]
+    a, b = metrics._inception_input(small, 'stylegan2'), metrics._inception_input(small, 'pytorch-fid')
+    assert a.shape == b.shape == (1, 3, 299, 299) and (a - b).abs().max() > 0.01
+
+
+# ---- KID, precision/recall -------------------------------------------------------------------
+
+def test_kid_matches_hand_computed_unbiased_mmd():
+    x, y = torch.randn(10, 4).double(), torch.randn(10, 4).double() + 0.3
+    k = lambda a, b: (a @ b / 4 + 1) ** 3
+    xx = sum(k(x[i], x[j]) for i in range(10) for j in range(10) if i != j) / 90
+    yy = sum(k(y[i], y[j]) for i in range(10) for j in range(10) if i != j) / 90
+    xy = sum(k(x[i], y[j]) for i in range(10) for j in range(10)) / 100
+    kid = metrics.kernel_inception_distance(x, y, num_subsets=3)  # subsets = the whole sets, permuted
+    assert kid == pytest.approx(float(xx + yy - 2 * xy), rel=1e-9)
+
+
+def test_kid_same_distribution_near_zero_shifted_positive():
+    g = torch.Generator().manual_seed(0)
+    real, same = torch.randn(800, 16, generator=g), torch.randn(800, 16, generator=g)
+    kid = lambda fake: metrics.kernel_inception_distance(real, fake, num_subsets=20, max_subset_size=500)
+    shifted = kid(same + 0.5)
+    assert shifted > 0.05 and abs(kid(same)) < 0.02 * shifted
+
+
+def test_precision_recall_constructed_sets():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g)
+    assert metrics.precision_recall(x, x.clone(), block=64) == (1.0, 1.0)
+    assert metrics.precision_recall(x, x + 100) == (0.0, 0.0)
+    centres = torch.tensor([[0., 0.], [50, 0], [0, 50], [50, 50]])  # 4 far modes; the fakes cover 2 of them
+    real = (centres[:, None] + torch.randn(4, 200, 2, generator=g)).flatten(0, 1)
+    fake = (centres[:2, None] + torch.randn(2, 200, 2, generator=g)).flatten(0, 1)
+    precision, recall = metrics.precision_recall(real, fake, block=128)
+    assert precision > 0.9 and 0.45 < recall <= 0.5
+
+
+# ---- SWD, DI, FDDF, PPL ----------------------------------------------------------------------
+
+def test_swd_zero_for_identical_sets_and_grows_with_noise():
+    g = torch.Generator().manual_seed(0)
+    base = F.interpolate(torch.rand(16, 3, 8, 8, generator=g), size=32, mode='bilinear') * 255  # smooth images
+    desc = metrics.swd_descriptors(base.to(torch.uint8), seed=1)
+    assert desc.shape == (16, 2, 128, 3, 49)  # levels 32 and 16
+    assert metrics.sliced_wasserstein(desc, desc.clone()) == [0.0, 0.0]
+    other = metrics.swd_descriptors(base.to(torch.uint8), seed=2)  # other patches of the same images
+    swd = [sum(metrics.sliced_wasserstein(desc, metrics.swd_descriptors(
+        (base + s * torch.randn(base.shape, generator=g)).clamp(0, 255).to(torch.uint8), seed=2))) for s in (8, 24, 64)]
+    assert sum(metrics.sliced_wasserstein(desc, other)) < swd[0] < swd[1] < swd[2]
+
+
+def test_laplacian_pyramid_reconstructs():
+    x = torch.rand(2, 3, 32, 32)
+    lap, coarse = metrics.laplacian_pyramid(x, 2)
+    up = torch.zeros_like(x)
+    up[:, :, ::2, ::2] = coarse
+    assert coarse.shape == (2, 3, 16, 16) and torch.allclose(lap + metrics._blur(up, 4 * metrics._GAUSS), x, atol=1e-6)
+
+
+def test_di_by_hand():
+    real, fake = torch.randn(64) + 2, torch.randn(64)
+    assert metrics.disequilibrium_indicator(real, fake) == pytest.approx((real.min() - fake.max()).item(), abs=1e-6)
+    g = torch.Generator().manual_seed(0)  # draws of 1: DI -> E[s_r] - E[s_g]
+    di = metrics.disequilibrium_indicator(torch.randn(5000, generator=g) + 3, torch.randn(5000, generator=g), draws=4000, size=1)
+    assert di == pytest.approx(3, abs=0.1)
+
+
+class TinyD(nn.Module):
+    needs_ref = True
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.out = nn.Conv2d(3, 4, 3, 2, 1), nn.Linear(4 * 8 * 8, 6), nn.Linear(6, 1)
+
+    def forward(self, img, ref=None, return_features=False):
+        assert ref is not None and ref.shape == img.shape and img.dtype == torch.float32
+        h = F.leaky_relu(self.conv(img + 0.1 * ref), 0.2)
+        f = F.leaky_relu(self.fc(h.flatten(1)), 0.2) + h.std(0).mean()  # minibatch-dependent, like minibatch-std
+        logits = self.out(f)[:, 0]
+        return (logits, f) if return_features else logits
+
+
+def test_fddf_on_tiny_d():
+    torch.manual_seed(0)
+    D, x = TinyD(), torch.rand(64, 3, 16, 16) * 2 - 1
+    feats = lambda img: D(img, ref=x, return_features=True)[1].detach()
+    same, shifted = metrics.fddf(feats(x), feats(x)), metrics.fddf(feats(x), feats(x * 0.5 + 0.4))
+    assert abs(same) < 1e-9 and shifted > 1e-3
+    assert shifted == pytest.approx(metrics.frechet_distance(*metrics.feature_stats(feats(x)),
+                                                             *metrics.feature_stats(feats(x * 0.5 + 0.4))))
+
+
+class LinearG(nn.Module):  # synthesis is linear in w: the PPL integrand is known in closed form
+    z_dim, c = 64, 3.0
+
+    def mapping(self, z, psi=1.0):
+        return z[:, None]                                     # [B, 1, 64]
+
+    def sample_heatmaps(self, batch, device):
+        return torch.rand(batch, 1, 8, 8, device=device) * 10
+
+    def synthesis(self, ws, noise_mode='const', heatmaps=None):
+        return self.c * ws[:, 0].view(-1, 1, 8, 8) + heatmaps  # shared heatmaps cancel in the difference
+
+
+def test_ppl_closed_form_with_user_distance():
+    sq = lambda a, b: (a - b).square().flatten(1).sum(1)
+    state = torch.get_rng_state()
+    ppl = metrics.perceptual_path_length(LinearG(), 512, sq, batch=64)  # E = c^2 E|z1 - z0|^2 = 2 c^2 d
+    assert ppl == pytest.approx(2 * 9 * 64, rel=0.05) and torch.equal(torch.get_rng_state(), state)
+
+# ---- evaluate(): end to end, cache, DDP ------------------------------------------------------
+
+
+class TinyG(nn.Module):
+    z_dim, img_resolution = 8, 16
+
+    def __init__(self):
+        super().__init__()
+        self.map, self.syn = nn.Linear(8, 8), nn.Linear(8, 3 * 16 * 16)
+
+    def mapping(self, z, psi=1.0):
+        return self.map(z)[:, None].repeat(1, 2, 1)           # [B, 2, 8]
+
+    def sample_heatmaps(self, batch, device):
+        return torch.rand(batch, 1, 16, 16, device=device)
+
+    def synthesis(self, ws, noise_mode='const', heatmaps=None):
+        x = self.syn(ws.mean(1)).view(-1, 3, 16, 16)
+        return torch.tanh(x + heatmaps if heatmaps is not None else x)
+
+    def forward(self, z):  # draws its own heatmaps and noise from the global RNG, like the real G
+        x = self.synthesis(self.mapping(z), heatmaps=self.sample_heatmaps(len(z), z.device))
+        return (x + 0.05 * torch.randn_like(x)).clamp(-1, 1)
+
+
+class TinyData(torch.utils.data.Dataset):
+    name, resolution = 'tiny', 16
+
+    def __init__(self, n=40):
+        g = torch.Generator().manual_seed(1)
+        self.x = (F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=16, mode='bilinear') * 255).to(torch.uint8)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+def _met_nets():
+    torch.manual_seed(0)
+    return TinyG(), TinyD()
+
+
+MET_NAMES = ['swd', 'di', 'fddf']
+MET_KW = dict(batch=16, num_gen=40)  # 40 of 16-image chunks: a short last chunk, wrap-around reals with 2 ranks
+
+
+def test_evaluate_swd_di_fddf_and_rng_restored():
+    G, D = _met_nets()
+    lines = []
+    torch.manual_seed(123)
+    res = metrics.evaluate(MET_NAMES, G, D, TinyData(), 'cpu', log=lines.append, **MET_KW)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3)), 'evaluate() must leave the global RNG as it found it'
+    assert set(res) == set(MET_NAMES)
+    assert set(res['swd']) == {'16', 'avg'} and res['swd']['avg'] > 0
+    assert math.isfinite(res['di']) and res['fddf'] > 0
+    assert any(line.startswith('di: ') and '40 generated vs 40 real' in line for line in lines)
+
+
+def test_evaluate_skips_inception_metrics_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv('METRICS_NO_DOWNLOAD', '1')
+    G, D = _met_nets()
+    lines = []
+    res = metrics.evaluate(['fid50k_full', 'di'], G, D, TinyData(), 'cpu', fid_weights=str(tmp_path / 'none.pth'),
+                           log=lines.append, **MET_KW)
+    assert set(res) == {'di'}
+    assert sum('skipping fid50k_full' in line and '--fid-weights' in line for line in lines) == 1
+
+
+def test_evaluate_inception_metrics_and_real_feature_cache(inception_weights, tmp_path):
+    class Unreadable(TinyData):
+        def __getitem__(self, i):
+            raise AssertionError('real features should come from the cache')
+
+    G, D = _met_nets()
+    names, kw = ['fid4_full', 'kid4', 'pr4'], dict(batch=4, num_gen=4, fid_weights=inception_weights, cache_dir=str(tmp_path), log=print)
+    res = metrics.evaluate(names, G, D, TinyData(4), 'cpu', **kw)
+    assert res['fid4_full'] > 0 and math.isfinite(res['kid4']) and set(res['pr4']) == {'precision', 'recall'}
+    metrics._REAL_CACHE.clear()  # next: from the disk cache (KID and PR use the same real features as FID)
+    assert metrics.evaluate(names[1:], G, D, Unreadable(4), 'cpu', **kw) == {k: res[k] for k in names[1:]}
+
+
+def _ddp_worker(rank, world_size, init, out):
+    dist.init_process_group('gloo', init_method=init, rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    G, D = _met_nets()
+    res = metrics.evaluate(MET_NAMES, G, D, TinyData(), 'cpu', rank, world_size, log=lambda s: None, **MET_KW)
+    with open(os.path.join(out, f'{rank}.json'), 'w') as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
+
+
+def test_ddp_sharded_equals_single_process(tmp_path):
+    G, D = _met_nets()
+    single = metrics.evaluate(MET_NAMES, G, D, TinyData(), 'cpu', log=lambda s: None, **MET_KW)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, f'file://{tmp_path}/store', str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        res = json.load(open(tmp_path / f'{rank}.json'))
+        assert res['di'] == pytest.approx(single['di'], rel=1e-6, abs=1e-6)
+        assert res['fddf'] == pytest.approx(single['fddf'], rel=1e-6, abs=1e-6)
+        assert res['swd'] == pytest.approx(single['swd'], rel=1e-6, abs=1e-6)
+
+
+def test_cli_prints_one_json_line(monkeypatch, capsys):
+    G, D = _met_nets()
+    seen = {}
+
+    def make_dataset(path=None, resolution=None, max_images=None):
+        seen.update(path=path, resolution=resolution)
+        return TinyData()
+
+    monkeypatch.setitem(sys.modules, 'model', types.SimpleNamespace(
+        load_checkpoint=lambda path, device: dict(G_ema=G, D=D, args=dict(data='from-ckpt', resolution=16))))
+    monkeypatch.setitem(sys.modules, 'data', types.SimpleNamespace(make_dataset=make_dataset))
+    monkeypatch.setattr(sys, 'argv', ['metrics.py', 'ckpt.pt', '--metrics', 'di,swd', '--num-gen', '40', '--batch', '16',
+                                      '--device', 'cpu'])
+    metrics.main()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and set(json.loads(out[0])) == {'di', 'swd'}
+    assert seen == dict(path='from-ckpt', resolution=16)
+
+
+def test_metric_names():
+    assert metrics._parse('fid50k_full', None, 70000) == ('fid', 50000, 70000)
+    assert metrics._parse('kid50k_full', None, 2_000_000) == ('kid', 50000, 1_000_000)
+    assert metrics._parse('pr50k3', None, 70000) == ('pr', 50000, 50000)
+    assert metrics._parse('fid2000', 100, 70000) == ('fid', 100, 100)
+    assert metrics._parse('swd', None, 1000) == ('swd', 1000, 1000)
+    assert metrics._parse('ppl_wend', None, 10) == ('ppl', 50000, 0)
+    with pytest.raises(ValueError):
+        metrics._parse('fid50k3', None, 10)
+
+
+# ==============================================================================================
+# train.py
+
+def run_train(tmp_path, *extra, name='run'):
+    out = str(tmp_path / name)
+    train.main(TINY_FLAGS + ['--out', out, *extra])
+    return out
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_same_state(a, b, atol=0.0, skip=()):
+    for key in ('G', 'D', 'G_ema'):
+        for k in set(a[key]) - set(skip):
+            assert torch.allclose(a[key][k].float(), b[key][k].float(), atol=atol, rtol=0), (key, k)
+    assert a['step'] == b['step'] and a['nimg'] == b['nimg']
+
+
+def test_d_steps_reduce_d_loss_on_fixed_batch():
+    G, D = tiny()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        fake = G(torch.randn(8, 32))
+    real = torch.rand(8, 3, 16, 16) * 2 - 1
+    opt = torch.optim.Adam(D.parameters(), lr=2e-3, betas=(0.0, 0.99))
+    first = None
+    for _ in range(20):
+        loss = losses.d_loss('nonsat', D(real), D(fake))
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_training_writes_logs_grids_and_checkpoints(tmp_path):
+    out = run_train(tmp_path, '--kimg', '0.032', '--snap-kimg', '0.016', '--keep', '1', '--pl-weight', '2',
+                    '--pl-interval', '2', '--r1-interval', '2', '--gamma', '1')
+    assert [os.path.basename(p) for p in glob.glob(f'{out}/ckpt-*.pt')] == ['ckpt-0000004.pt']  # keep 1
+    assert os.path.isfile(f'{out}/fakes-0000004.png') and os.path.isfile(f'{out}/reals.png')
+    assert Image.open(f'{out}/fakes-0000004.png').size[0] >= 16 * 4
+    lines = [json.loads(s) for s in open(f'{out}/log.jsonl')]
+    assert lines[-1]['kimg'] == 0.032 and lines[-1]['step'] == 4
+    for k in ('sec_per_kimg', 'img_per_sec', 'mem_gb', 'G/loss', 'D/loss', 'D/r1', 'G/pl', 'D/real_min', 'D/fake_max'):
+        assert any(k in line for line in lines), k
+    ck = load(f'{out}/ckpt-0000004.pt')
+    assert ck['nimg'] == 32 and ck['args']['g_attn'] == 'none' and ck['pl_mean'] > 0
+    nets = model.load_checkpoint(f'{out}/ckpt-0000004.pt')
+    assert nets['G_ema'](torch.randn(2, 32)).shape == (2, 3, 16, 16)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """Stop after 2 steps (a checkpoint), resume to 4: identical to 4 steps in one go."""
+    common = ['--snap-kimg', '0.016', '--pl-weight', '2', '--pl-interval', '2', '--r1-interval', '3',
+              '--gamma', '1', '--mirror', '--loss', 'contrastive', '--warmup-kimg', '0.016']
+    a = run_train(tmp_path, '--kimg', '0.032', *common, name='a')
+    b = run_train(tmp_path, '--kimg', '0.016', *common, name='b')
+    assert len(glob.glob(f'{b}/ckpt-*.pt')) == 1
+    run_train(tmp_path, '--kimg', '0.032', *common, name='b')  # the same command again: --resume auto
+    ca, cb = load(f'{a}/ckpt-0000004.pt'), load(f'{b}/ckpt-0000004.pt')
+    assert_same_state(ca, cb)
+    for opt in ('opt_G', 'opt_D'):
+        for k, st in ca[opt]['state'].items():
+            assert torch.equal(st['exp_avg_sq'], cb[opt]['state'][k]['exp_avg_sq'])
+    assert torch.equal(ca['pl_mean'], cb['pl_mean'])
+
+
+def torchrun(args, nproc, cwd):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_port', str(29500 + os.getpid() % 1000),
+           os.path.join(HERE, 'train.py')] + args
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    """2 gloo processes with 4 images each == 1 process with the global batch of 8: every random
+    number is drawn for the global batch, the contrastive negatives are all-gathered, gradients
+    averaged. Covers Gmain, Greg (path length), Dmain, Dreg (R1) and EMA."""
+    common = TINY_FLAGS + ['--kimg', '0.024', '--snap-kimg', '1', '--loss', 'contrastive', '--warmup-kimg', '0.008',
+                           '--pl-weight', '2', '--pl-interval', '2', '--r1-interval', '2', '--gamma', '1']
+    torchrun(common + ['--out', str(tmp_path / 'ddp')], 2, tmp_path)
+    train.main(common + ['--out', str(tmp_path / 'one')])
+    a, b = load(glob.glob(f'{tmp_path}/ddp/ckpt-*.pt')[0]), load(glob.glob(f'{tmp_path}/one/ckpt-*.pt')[0])
+    # w_avg (truncation only) is tracked per process, from its own samples, as in the official code
+    assert_same_state(a, b, atol=1e-4, skip=['mapping.w_avg'])  # Adam steps are lr=2e-3
+    assert torch.allclose(a['pl_mean'], b['pl_mean'], atol=1e-6)
+
+
+def expect_error(capsys, argv, *needles):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('error: ') and len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_bad_flags_and_checkpoints_give_one_line_errors(tmp_path, capsys):
+    out = str(tmp_path / 'r')
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--resolution', '48'], 'power of two')
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--batch', '6'], '--mbstd-group')
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--g-attn', 'san', '--g-attn-res', '64'], '--g-attn-res 64')
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--heatmap', 'noise'], '--sel')
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--data', str(tmp_path / 'nowhere')], 'nowhere')
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--resume', str(tmp_path / 'x.pt')], 'no such file')
+    run_train(tmp_path, '--kimg', '0.008', name='r')
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--channel-max', '64'], 'another architecture', '--channel-max 32')
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--resume', 'none'], 'already holds checkpoints')
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'not a checkpoint')
+    expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 's'), '--resume', str(bad)], 'cannot read checkpoint')
+    torch.save({'state_dict': {}}, bad)
+    expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 's'), '--resume', str(bad)], 'not a checkpoint of this project')
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
+    out = run_train(tmp_path, '--kimg', '0.016', '--snap-kimg', '0.008')
+    before = sorted(glob.glob(f'{out}/ckpt-*.pt'))
+    real_d_loss = losses.d_loss
+    monkeypatch.setattr(losses, 'd_loss', lambda *a: real_d_loss(*a) * float('nan'))
+    err = expect_error(capsys, TINY_FLAGS + ['--out', out, '--kimg', '0.032', '--snap-kimg', '0.008'], 'non-finite D/loss')
+    assert before[-1] in err
+    assert sorted(glob.glob(f'{out}/ckpt-*.pt')) == before  # nothing overwritten by a bad state
+    assert load(before[-1])['step'] == 2
+
+
+def test_benchmark_mode_times_phases(tmp_path, capsys):
+    res = train.main(TINY_FLAGS + ['--out', str(tmp_path / 'bench'), '--bench-steps', '4', '--pl-weight', '2',
+                                   '--gamma', '1', '--r1-interval', '2'])
+    assert res is None
+    out = capsys.readouterr().out
+    line = json.loads([s for s in out.splitlines() if s.startswith('{')][-1])
+    assert line['bench']['img_per_sec'] > 0 and set(line['bench']['phases_ms']) >= {'Gmain', 'Greg', 'Dmain', 'Dreg', 'ema'}
+    assert not os.path.exists(tmp_path / 'bench')  # the benchmark writes nothing

@@ -1,0 +1,550 @@
+"""
+Train StyleGAN2 with the dual contrastive loss and attention (Yu et al., ICCV 2021) and EqGAN-SA
+spatial awareness (Wang et al., CVPR 2022). One explicit loop: Gmain, Greg (path length, lazy),
+Dmain, Dreg (R1, lazy), EMA, logs, snapshots, in-loop metrics.
+
+  python train.py --cfg cpu --out runs/cpu                  # built-in dataset, ~10 min on 2 CPU cores
+  python train.py --data ffhq256.zip --cfg paper256 --loss contrastive --out runs/ffhq   # 1 GPU
+  torchrun --nproc_per_node=8 train.py --data ffhq256.zip --cfg paper256 --out runs/ffhq # 1 node
+  torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
+           --nproc_per_node=8 train.py ...                                                # 2 nodes
+  python train.py --cfg cpu --bench-steps 20                # speed benchmark, no files written
+
+To resume, run the same command again (--resume auto is the default): the run continues with the
+same step, optimizer state, EMA, data order and random numbers, as if it had never stopped.
+"""
+import argparse
+import contextlib
+import copy
+import glob
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import data
+import losses
+import metrics
+import model
+
+# Presets: per-config defaults; an explicit flag always wins. 'e' and 'f' are the StyleGAN2 paper's
+# configs (TF run_training.py), 'paper256' is stylegan2-ada-pytorch's (EqGAN-SA's baseline), 'cpu' is
+# a small network that learns the built-in dataset in minutes on 2 CPU cores.
+CONFIGS = {
+    'cpu':      dict(resolution=32, channel_base=4096, channel_max=256, map_layers=2, batch=16, lr=0.002,
+                     gamma=0.05, ema_kimg=5, ema_rampup=0.05, pl_weight=0, mbstd_group=4, kimg=10),
+    'e':        dict(resolution=256, channel_base=16384, channel_max=512, map_layers=8, batch=32, lr=0.002,
+                     gamma=100, ema_kimg=10, ema_rampup=0, pl_weight=2, mbstd_group=4, kimg=25000),
+    'f':        dict(resolution=256, channel_base=32768, channel_max=512, map_layers=8, batch=32, lr=0.002,
+                     gamma=10, ema_kimg=10, ema_rampup=0, pl_weight=2, mbstd_group=4, kimg=25000),
+    'paper256': dict(resolution=256, channel_base=16384, channel_max=512, map_layers=8, batch=64, lr=0.0025,
+                     gamma=1, ema_kimg=20, ema_rampup=0, pl_weight=2, mbstd_group=8, kimg=25000),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # data and run
+    a('--data', help='image folder or .zip (default: the built-in synthetic CLEVR-like dataset)')
+    a('--max-images', type=int, help='use only the first N images (synthetic: its size; default 50000)')
+    a('--skip-bad', action='store_true', help='skip unreadable/too-small images instead of stopping')
+    a('--mirror', action='store_true', help='random x-flips of the training images')
+    a('--out', default='runs/default', help='output folder: checkpoints, grids, log.jsonl')
+    a('--resume', default='auto', help="'auto' (latest checkpoint in --out, if any), a path, or 'none'")
+    a('--seed', type=int, default=0, help='seed of weights, latents, data order')
+    a('--cfg', default='e', choices=sorted(CONFIGS), help='preset for the flags below left unset (default e)')
+    a('--kimg', type=float, help='training length in thousands of real images shown to D')
+    a('--device', default='auto', help="auto, cpu, cuda (torchrun: cuda:LOCAL_RANK)")
+    a('--workers', type=int, default=2, help='data-loading processes per GPU/process')
+    # architecture (stored in the checkpoint)
+    a('--resolution', type=int, help='image size, a power of two (cpu: 32, others: 256)')
+    a('--channel-base', type=int, help='channels at resolution r: min(channel_base / r, channel_max)')
+    a('--channel-max', type=int, help='maximum channels per layer (512 in the papers)')
+    a('--map-layers', type=int, help='mapping network depth (8 in the papers)')
+    a('--z-dim', type=int, default=512, help='latent size')
+    a('--w-dim', type=int, default=512, help='intermediate latent size')
+    a('--mbstd-group', type=int, help='minibatch-std group size (4; paper256: 8)')
+    a('--g-attn', default='none', choices=['none', 'san', 'sagan', 'dfn', 'vt'], help='self-attention in G (thesis Table 2.3)')
+    a('--g-attn-res', type=int, default=32, help='G resolution whose conv the attention replaces (paper: 32)')
+    a('--d-attn', default='none', choices=['none', 'self', 'ref'], help='SAN self-attention or reference-attention in D (Table 2.5)')
+    a('--d-attn-res', type=int, default=8, help='D resolution of the attention (paper: 8)')
+    a('--ref-attn-eq', type=int, default=8, choices=[8, 1, 2], help='K/Q/V sources: Eq. 2.8 (main paper) or supplement Eq. 1 / 2')
+    a('--sel', default='none', choices=['none', 'norm', 'concat', 'flatten'], help='EqGAN-SA spatial encoding in G (Table 4)')
+    a('--heatmap', default='hier', choices=['hier', 'nonhier', 'noise'], help='EqGAN-SA heatmap sampling (Table 3)')
+    # losses and optimisation
+    a('--loss', default='nonsat', choices=losses.LOSSES, help='adversarial loss (thesis Table 2.1)')
+    a('--g-form', default='swap', choices=['swap', 'minimax'], help='G side of the contrastive loss (see README)')
+    a('--warmup-kimg', type=float, help='contrastive: non-saturating warm-up length (default: 20 epochs of the data)')
+    a('--batch', type=int, help='global batch size (split across processes)')
+    a('--lr', type=float, help='Adam learning rate of G and D (betas 0, 0.99)')
+    a('--gamma', type=float, help='R1 weight (e: 100, f: 10, paper256: 1); 0 disables')
+    a('--r1-interval', type=int, default=16, help='lazy R1 every N steps')
+    a('--pl-weight', type=float, help='path-length weight (2 in the papers; 0 disables)')
+    a('--pl-interval', type=int, default=4, help='lazy path length every N steps')
+    a('--style-mix', type=float, default=0.9, help='style-mixing probability')
+    a('--ema-kimg', type=float, help='G EMA half-life in kimg')
+    a('--ema-rampup', type=float, help='EMA ramp-up: half-life <= rampup * images seen (0 = off)')
+    a('--align-weight', type=float, default=1.0, help='EqGAN-SA alignment loss weight (with --sel)')
+    a('--align-tau', type=float, default=0.25, help='EqGAN-SA truncation threshold tau (Eq. 4)')
+    a('--align-truncation', default='paper', choices=['paper', 'official'],
+      help="Eq. 4 truncation: 'paper' zeroes errors <= tau; 'official' averages only errors > tau (authors' code)")
+    a('--no-align', action='store_true', help='SEL without the GradCAM alignment loss (Table 1: "+SEL")')
+    # speed
+    a('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='autocast the main phases')
+    a('--compile', action='store_true', help='torch.compile G and D for the main phases')
+    a('--channels-last', action='store_true', help='channels_last memory format')
+    a('--bench-steps', type=int, default=0, help='benchmark: time N steps after 3 warm-up steps, write nothing')
+    # logging, snapshots, metrics
+    a('--log-sec', type=float, default=10, help='seconds between log lines')
+    a('--snap-kimg', type=float, default=50, help='kimg between snapshots (grid, checkpoint)')
+    a('--keep', type=int, default=3, help='checkpoints to keep')
+    a('--metrics', default='swd,di', help="comma list (fid50k_full, fid10k, kid50k_full, pr50k3_full, ppl_wend, swd, di, fddf) or 'none'")
+    a('--metrics-kimg', type=float, help='kimg between metric evaluations (default: every snapshot)')
+    a('--num-gen', type=int, help='override the number of generated images of every metric')
+    a('--fid-weights', help='path of the pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth)')
+    args = p.parse_args(argv)
+    for k, v in CONFIGS[args.cfg].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+class UserError(Exception):
+    """A problem with the flags, the checkpoint or the run that the user can fix; printed as one line."""
+
+
+def check_args(args, world):
+    if args.batch % world:
+        raise UserError(f'--batch {args.batch} is not divisible by the {world} processes; use a multiple of {world}')
+    b = args.batch // world
+    if b % min(args.mbstd_group, b):
+        raise UserError(f'per-process batch {b} is not a multiple of --mbstd-group {args.mbstd_group}; change one of them')
+    if args.sel == 'none' and args.heatmap != 'hier':
+        raise UserError('--heatmap only matters with --sel; add --sel norm (or concat/flatten)')
+    if args.amp != 'none' and args.compile and args.amp == 'fp16' and args.device == 'cpu':
+        raise UserError('--amp fp16 needs a GPU; use --amp bf16 on the CPU')
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; one process otherwise)
+
+def init_distributed(device_flag):
+    if 'RANK' not in os.environ:
+        dev = 'cuda' if device_flag == 'auto' and torch.cuda.is_available() else ('cpu' if device_flag == 'auto' else device_flag)
+        return 0, 1, torch.device(dev)
+    local = int(os.environ.get('LOCAL_RANK', 0))
+    cuda = torch.cuda.is_available() and device_flag != 'cpu'
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group('nccl' if cuda else 'gloo')
+    return dist.get_rank(), dist.get_world_size(), torch.device(f'cuda:{local}' if cuda else 'cpu')
+
+
+def sync_grads(module, world):
+    """Average gradients over processes (one flat all_reduce), and zero non-finite entries like the
+    official code. Manual instead of DDP wrappers: every flag combination works, unused parameters
+    included (e.g. D's layers that a phase does not reach)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    if world > 1:
+        dist.all_reduce(flat)
+        flat /= world
+    flat = flat.nan_to_num(nan=0, posinf=1e5, neginf=-1e5)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def print0(*a, rank=0, **k):
+    if rank == 0:
+        print(*a, **k, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts of tensors and numbers, written to a temporary file and renamed.
+
+def checkpoint_paths(out):
+    return sorted(glob.glob(os.path.join(out, 'ckpt-*.pt')))
+
+
+def save_checkpoint(path, state, keep):
+    tmp = path + '.tmp'
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoints intact
+    for old in checkpoint_paths(os.path.dirname(path))[:-keep]:
+        os.remove(old)
+
+
+def resolve_resume(args):
+    if args.resume in ('none', ''):
+        existing = checkpoint_paths(args.out)
+        if existing:
+            raise UserError(f'{args.out} already holds checkpoints ({os.path.basename(existing[-1])}); '
+                            f'pass --resume auto to continue that run or choose another --out')
+        return None
+    if args.resume == 'auto':
+        existing = checkpoint_paths(args.out)
+        return existing[-1] if existing else None
+    if not os.path.isfile(args.resume):
+        raise UserError(f'--resume {args.resume}: no such file; give a checkpoint path or --resume auto')
+    return args.resume
+
+
+def load_resume(path, args, device):
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); '
+                        f'delete it to resume from an older one') from None
+    if not isinstance(ckpt, dict) or 'args' not in ckpt or 'G' not in ckpt:
+        raise UserError(f'{path} is not a checkpoint of this project; pass a ckpt-*.pt written by train.py')
+    diff = [f'--{k.replace("_", "-")} {ckpt["args"].get(k)} (this run: {getattr(args, k)})'
+            for k in model.ARCH_KEYS if ckpt['args'].get(k) != getattr(args, k)]
+    if diff:
+        raise UserError(f'checkpoint {path} has another architecture: {"; ".join(diff)}; '
+                        f'rerun with its flags or use another --out')
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_distributed(args.device)
+    try:
+        check_args(args, world)
+        train(args, rank, world, device)
+    except (UserError, data.DataError) as e:
+        msg = str(e).strip().splitlines()[-1]  # errors re-raised from loader workers carry a traceback
+        print(f'error: {msg}', file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, rank, world, device):
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    bench = args.bench_steps > 0
+    B, b = args.batch, args.batch // world
+    dataset = data.make_dataset(None if bench else args.data, args.resolution, args.max_images, args.seed, args.skip_bad)
+    if args.warmup_kimg is None:  # thesis Sec. 2.4: "about 20 epochs"
+        args.warmup_kimg = 20 * len(dataset) / 1000
+
+    # Networks, optimisers (lazy regularisation: lr * c, betas ** c, c = I / (I + 1)), EMA copy.
+    args.conv_clamp = 256 if args.amp != 'none' else None
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    try:
+        G, D = model.build_networks(vars(args))
+    except ValueError as e:  # an impossible architecture flag, e.g. --g-attn-res 12
+        raise UserError(str(e)) from None
+    G, D = G.to(device), D.to(device)
+    if args.channels_last:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    c_G = args.pl_interval / (args.pl_interval + 1) if args.pl_weight > 0 else 1
+    c_D = args.r1_interval / (args.r1_interval + 1) if args.gamma > 0 else 1
+    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr * c_G, betas=(0.0, 0.99 ** c_G), eps=1e-8)
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr * c_D, betas=(0.0, 0.99 ** c_D), eps=1e-8)
+    scaler_G = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    scaler_D = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    pl_mean = torch.zeros([], device=device)
+    step = nimg = 0
+
+    resume = None if bench else resolve_resume(args)
+    if resume:
+        ckpt = load_resume(resume, args, device)
+        for net, key in [(G, 'G'), (D, 'D'), (G_ema, 'G_ema')]:
+            net.load_state_dict(ckpt[key])
+        opt_G.load_state_dict(ckpt['opt_G'])
+        opt_D.load_state_dict(ckpt['opt_D'])
+        scaler_G.load_state_dict(ckpt['scaler_G'])
+        scaler_D.load_state_dict(ckpt['scaler_D'])
+        pl_mean.copy_(ckpt['pl_mean'])
+        step, nimg = ckpt['step'], ckpt['nimg']
+        print0(f'resumed {resume} at kimg {nimg / 1000:.1f} (step {step})', rank=rank)
+        del ckpt
+    G_main = torch.compile(G) if args.compile else G  # double-backward phases use the eager modules
+    D_main = torch.compile(D) if args.compile else D
+
+    loader = data.InfiniteLoader(dataset, b, rank, world, args.seed, nimg, args.mirror, args.workers, device)
+    ref_loader = (data.InfiniteLoader(dataset, b, rank, world, args.seed + 1, nimg, args.mirror, args.workers, device)
+                  if D.needs_ref else None)  # references: real, independent of the primary batch
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16)
+           if args.amp != 'none' else contextlib.nullcontext())
+    to_float = lambda x: (x.to(torch.float32) / 127.5 - 1).contiguous(
+        memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    align = args.sel != 'none' and not args.no_align and args.align_weight > 0
+
+    if rank == 0 and not bench:
+        os.makedirs(args.out, exist_ok=True)
+        print(f'{len(dataset)} images ({dataset.name}) at {args.resolution}px; G {count(G) / 1e6:.2f}M, '
+              f'D {count(D) / 1e6:.2f}M parameters; {world} process(es) on {device}; batch {B}', flush=True)
+        grid_z, grid_h = grid_latents(G, args, device)
+        data.save_grid(torch.stack([dataset[i] for i in range(min(len(dataset), grid_z.shape[0]))]),
+                       os.path.join(args.out, 'reals.png'))
+
+    # One training step: ALL its randomness (latents, mixing, per-layer noise, heatmaps, path-length
+    # noise) is drawn for the global batch from a generator seeded by (seed, step), each process
+    # taking its slice: a resumed run and a DDP run see exactly the numbers of the uninterrupted
+    # single-process run, with no RNG state to save.
+    mine = lambda t: t[rank * (len(t) // world):(rank + 1) * (len(t) // world)]
+
+    def draw(gen, *tail, total=B):
+        return mine(torch.randn([total, *tail], generator=gen, device=device))
+
+    def latents(gen, total=B):
+        z, z2 = draw(gen, G.z_dim, total=total), draw(gen, G.z_dim, total=total)
+        cut = torch.randint(1, G.num_ws, [], generator=gen, device=device)
+        cut = torch.where(torch.rand([], generator=gen, device=device) < args.style_mix, cut, G.num_ws)
+        noise = [draw(gen, 1, r, r, total=total) for r in G.noise_res]
+        heat = G.sample_heatmaps(total, device, gen) if G.uses_heatmaps else None
+        heat = None if heat is None else {k: mine(v) for k, v in heat.items()}
+        return dict(z=z, mix_z=z2 if args.style_mix > 0 else None, mix_cutoff=cut, noise=noise, heatmaps=heat)
+
+    stats, extremes = {}, {}  # name -> [sum, count], accumulated on the device: no host sync per step
+
+    def record(name, value):
+        s = stats.setdefault(name, [0, 0])
+        s[0], s[1] = s[0] + value.detach().float(), s[1] + 1
+
+    def phase_step(net, opt, scaler, loss):
+        scaler.scale(loss).backward()
+        sync_grads(net, world)
+        scaler.step(opt)
+        scaler.update()
+
+    def train_step(step, real_u8, ref_u8):
+        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
+        real = to_float(real_u8)
+        ref = to_float(ref_u8) if ref_u8 is not None else None
+        kind = 'nonsat' if args.loss == 'contrastive' and nimg < args.warmup_kimg * 1000 else args.loss
+        timings = {}
+
+        def tic(name):  # phase start times; the benchmark synchronises the GPU to time phases
+            if bench and device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            timings[name] = time.perf_counter()
+
+        # Gmain: adversarial loss (+ EqGAN-SA alignment, Eq. 4)
+        tic('Gmain')
+        G.requires_grad_(True)
+        D.requires_grad_(False)
+        opt_G.zero_grad(set_to_none=True)
+        lat = latents(gen)
+        with amp:
+            fake = G_main(**lat, update_w_avg=True)
+            if align:  # one D pass for both losses; GradCAM's double backward needs the eager D
+                fake_logits, maps = D(fake, ref, return_maps=True)
+            else:
+                fake_logits = D_main(fake, ref)
+            real_logits = D_main(real, ref).detach() if kind == 'contrastive' else None
+            loss = losses.g_loss(kind, fake_logits, real_logits, args.g_form)
+        record('G/loss', loss)
+        if align:  # EqGAN-SA Eq. 4
+            l_align = losses.align_loss(fake_logits, maps, lat['heatmaps'], args.align_tau, args.align_truncation)
+            record('G/align', l_align)
+            loss = loss + args.align_weight * l_align
+        phase_step(G, opt_G, scaler_G, loss)
+
+        # Greg: path length on half the batch, every pl_interval steps, weight x interval
+        if args.pl_weight > 0 and step % args.pl_interval == 0:
+            tic('Greg')
+            opt_G.zero_grad(set_to_none=True)
+            half = max(world, B // 2)  # batch shrink 2, over the global batch
+            img, ws = G(**latents(gen, half), return_ws=True)
+            pl = losses.path_length_penalty(img, ws, pl_mean, noise=draw(gen, 3, *img.shape[2:], total=half)).mean()
+            record('G/pl', pl)
+            phase_step(G, opt_G, scaler_G, pl * args.pl_weight * args.pl_interval)
+
+        # Dmain
+        tic('Dmain')
+        G.requires_grad_(False)
+        D.requires_grad_(True)
+        opt_D.zero_grad(set_to_none=True)
+        lat = latents(gen)
+        with amp:
+            with torch.no_grad():
+                fake = G_main(**lat)
+            fake_logits = D_main(fake, ref)
+            real_logits = D_main(real, ref)
+            loss = losses.d_loss(kind, real_logits, fake_logits)
+        if kind == 'wgan':
+            gp = losses.wgan_gp(D, real, fake, ref, mine(torch.rand([B, 1, 1, 1], generator=gen, device=device))).mean()
+            record('D/gp', gp)
+            loss = loss + 10 * gp
+        record('D/loss', loss)
+        record('D/real', real_logits.mean())
+        record('D/fake', fake_logits.mean())
+        # EqGAN-SA Fig. 1: min D score of reals vs max D score of fakes since the last log line
+        r_min, f_max = real_logits.detach().min().float(), fake_logits.detach().max().float()
+        extremes['D/real_min'] = torch.minimum(extremes.get('D/real_min', r_min), r_min)
+        extremes['D/fake_max'] = torch.maximum(extremes.get('D/fake_max', f_max), f_max)
+        phase_step(D, opt_D, scaler_D, loss)
+
+        # Dreg: R1 every r1_interval steps, weight gamma / 2 x interval
+        if args.gamma > 0 and step % args.r1_interval == 0:
+            tic('Dreg')
+            opt_D.zero_grad(set_to_none=True)
+            real_ = real.detach().requires_grad_(True)
+            r1 = losses.r1_penalty(real_, D(real_, ref)).mean()
+            record('D/r1', r1)
+            phase_step(D, opt_D, scaler_D, r1 * (args.gamma / 2) * args.r1_interval)
+
+        # G EMA: half-life ema_kimg, ramped up to rampup * images seen
+        tic('ema')
+        ema_nimg = args.ema_kimg * 1000
+        if args.ema_rampup:
+            ema_nimg = min(ema_nimg, nimg * args.ema_rampup)
+        beta = 0.5 ** (B / max(ema_nimg, 1e-8))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1 - beta)
+            for be, bg in zip(G_ema.buffers(), G.buffers()):
+                be.copy_(bg)
+        return timings
+
+    if bench:
+        return benchmark(args, train_step, loader, ref_loader, device, B)
+
+    # The loop
+    total = int(args.kimg * 1000)
+    every = lambda kimg: max(1, round(kimg * 1000 / B))
+    snap_every = every(args.snap_kimg)
+    metric_every = every(args.metrics_kimg or args.snap_kimg)
+    names = [m for m in args.metrics.split(',') if m and m != 'none']
+    logf = open(os.path.join(args.out, 'log.jsonl'), 'a') if rank == 0 else None
+    t_log = t_start = time.time()
+    n_log = nimg
+    print0(f'training to {args.kimg} kimg with the {args.loss} loss'
+           + (f' (non-saturating warm-up until {args.warmup_kimg:g} kimg)' if args.loss == 'contrastive' else ''), rank=rank)
+    while nimg < total:
+        real_u8 = next(loader)
+        ref_u8 = next(ref_loader) if ref_loader is not None else None
+        train_step(step, real_u8, ref_u8)
+        step += 1
+        nimg += B
+        done = nimg >= total
+        if time.time() - t_log >= args.log_sec or done:
+            vals = {k: s.item() / n for k, (s, n) in stats.items()}
+            vals.update({k: v.item() for k, v in extremes.items()})
+            bad = [k for k, v in vals.items() if v != v or abs(v) == float('inf')]
+            if bad:
+                last = checkpoint_paths(args.out)
+                raise UserError(f'non-finite {", ".join(bad)} at kimg {nimg / 1000:.2f}; the last good checkpoint is '
+                                f'{last[-1] if last else "none"}: resume from it with a lower --lr or --gamma, or --amp none')
+            dt, t_log = time.time() - t_log, time.time()
+            ips = (nimg - n_log) / dt
+            n_log = nimg
+            eta = (total - nimg) / max(ips, 1e-8)
+            line = dict(kimg=round(nimg / 1000, 3), step=step, sec_per_kimg=round(1000 / max(ips, 1e-8), 2),
+                        img_per_sec=round(ips, 2), mem_gb=round(peak_memory_gb(device), 3), **{k: round(v, 4) for k, v in vals.items()})
+            print0(f'kimg {nimg / 1000:8.2f} | sec/kimg {line["sec_per_kimg"]:7.2f} | img/s {ips:7.1f} | ETA {fmt_time(eta)} | '
+                   + ' '.join(f'{k} {v:.3f}' for k, v in vals.items()) + f' | mem {line["mem_gb"]:.2f} GB', rank=rank)
+            if logf:
+                logf.write(json.dumps(line) + '\n')
+                logf.flush()
+            stats.clear()
+            extremes.clear()
+        if step % snap_every == 0 or done:
+            snapshot(args, rank, world, device, step, nimg, G, D, G_ema, opt_G, opt_D, scaler_G, scaler_D, pl_mean,
+                     grid_z if rank == 0 else None, grid_h if rank == 0 else None)
+        if names and (step % metric_every == 0 or done):
+            t0 = time.time()
+            res = metrics.evaluate(names, G_ema, D, dataset, device, rank, world, num_gen=args.num_gen,
+                                   fid_weights=args.fid_weights, cache_dir=os.path.join(args.out, 'cache'),
+                                   seed=args.seed, log=lambda s: print0(s, rank=rank))
+            if logf:
+                logf.write(json.dumps(dict(kimg=round(nimg / 1000, 3), step=step, metrics=res)) + '\n')
+                logf.flush()
+            print0(f'metrics at kimg {nimg / 1000:.2f} ({time.time() - t0:.1f} s): {json.dumps(res)}', rank=rank)
+            t_log += time.time() - t0  # metric time does not count as training speed
+    print0(f'done: {nimg / 1000:.2f} kimg in {fmt_time(time.time() - t_start)}; checkpoints in {args.out}', rank=rank)
+
+
+def snapshot(args, rank, world, device, step, nimg, G, D, G_ema, opt_G, opt_D, scaler_G, scaler_D, pl_mean, grid_z, grid_h):
+    """Image grid (EMA G, fixed latents) and checkpoint; refuses to save non-finite weights."""
+    finite = torch.tensor(float(all(torch.isfinite(p).all() for p in G.parameters())), device=device)
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    last = checkpoint_paths(args.out)
+    if not finite.item():
+        raise UserError(f'G weights became non-finite at kimg {nimg / 1000:.2f}; the last good checkpoint is '
+                        f'{last[-1] if last else "none"}: resume from it with a lower --lr or --gamma')
+    if rank != 0:
+        return
+    data.save_grid(generate_images(G_ema, grid_z, grid_h, args.batch), os.path.join(args.out, f'fakes-{step:07d}.png'))
+    state = dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), opt_G=opt_G.state_dict(),
+                 opt_D=opt_D.state_dict(), scaler_G=scaler_G.state_dict(), scaler_D=scaler_D.state_dict(),
+                 pl_mean=pl_mean, step=step, nimg=nimg, args=vars(args))
+    save_checkpoint(os.path.join(args.out, f'ckpt-{step:07d}.pt'), state, args.keep)
+
+
+def grid_latents(G, args, device):
+    n = 32 if args.resolution <= 128 else 16
+    gen = torch.Generator().manual_seed(args.seed)
+    z = torch.randn(n, G.z_dim, generator=gen)
+    h = G.sample_heatmaps(n, 'cpu', gen)
+    return z.to(device), (None if h is None else {k: v.to(device) for k, v in h.items()})
+
+
+@torch.no_grad()
+def generate_images(G, z, heatmaps, batch):
+    """uint8 images [N, 3, H, W] from G (const noise), in chunks of `batch`."""
+    out = []
+    for i in range(0, z.shape[0], batch):
+        h = None if heatmaps is None else {k: v[i:i + batch] for k, v in heatmaps.items()}
+        out.append(G(z[i:i + batch], noise_mode='const', heatmaps=h))
+    return (torch.cat(out) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def benchmark(args, train_step, loader, ref_loader, device, B):
+    """Full training steps on synthetic data: 3 warm-up steps, then args.bench_steps timed ones."""
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    per_phase, t0 = {}, None
+    for i in range(3 + args.bench_steps):
+        real, ref = next(loader), (next(ref_loader) if ref_loader is not None else None)
+        if i == 3:
+            sync()
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+        starts = train_step(i, real, ref)
+        sync()
+        if i >= 3:
+            marks = sorted(starts.items(), key=lambda kv: kv[1]) + [('end', time.perf_counter())]
+            for (name, t), (_, t_next) in zip(marks, marks[1:]):
+                per_phase.setdefault(name, []).append(t_next - t)
+    dt = time.perf_counter() - t0
+    res = dict(img_per_sec=round(args.bench_steps * B / dt, 2), ms_per_step=round(1000 * dt / args.bench_steps, 1),
+               peak_mem_gb=round(peak_memory_gb(device), 3),
+               phases_ms={k: round(1000 * sum(v) / len(v), 1) for k, v in per_phase.items()},
+               phase_counts={k: len(v) for k, v in per_phase.items()})
+    print(f'bench: {res["img_per_sec"]} img/s, {res["ms_per_step"]} ms/step, peak {res["peak_mem_gb"]} GB; '
+          f'ms per phase occurrence: {res["phases_ms"]} over {res["phase_counts"]} occurrences', flush=True)
+    print(json.dumps(dict(bench=res, args={k: v for k, v in vars(args).items() if not callable(v)})), flush=True)
+    return res
+
+
+def count(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def peak_memory_gb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # peak RSS of this process
+
+
+def fmt_time(s):
+    s = int(s)
+    return f'{s // 86400}d {s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}' if s >= 86400 else f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}'
+
+
+if __name__ == '__main__':
+    main()
