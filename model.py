@@ -306,9 +306,10 @@ class Generator(nn.Module):
         return [r for r in self.res_list for _ in range(1 if r == 4 else 2)]
 
     def synthesize(self, ws, noise_mode='random', fused=None, heatmaps=None, noise=None):
-        """ws [B, num_ws, w_dim] -> images [B, 3, R, R]. fused defaults to the grouped conv in eval.
+        """ws [B, num_ws, w_dim] -> images [B, 3, R, R]. fused defaults to the grouped conv in eval on
+        GPUs (as the official code); on the CPU the non-fused form is 2.4x faster, in eval too.
         noise: optional list of [B, 1, r, r] tensors for r in noise_res (else per noise_mode)."""
-        fused = (not self.training) if fused is None else fused
+        fused = (not self.training and ws.device.type == 'cuda') if fused is None else fused
         hfeats = self.spatial.encode(heatmaps) if self.spatial is not None else {}
         x = img = None
         w_idx = n_idx = 0

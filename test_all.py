@@ -1623,6 +1623,8 @@ def test_bad_flags_and_checkpoints_give_one_line_errors(tmp_path, capsys):
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--batch', '6'], '--mbstd-group')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--g-attn', 'san', '--g-attn-res', '64'], '--g-attn-res 64')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--heatmap', 'noise'], '--sel')
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--metrics', 'swd,fid50k3'], 'unknown metric')
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--amp', 'fp16'], 'bf16')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--data', str(tmp_path / 'nowhere')], 'nowhere')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--resume', str(tmp_path / 'x.pt')], 'no such file')
     run_train(tmp_path, '--kimg', '0.008', name='r')

@@ -36,13 +36,17 @@ import model
 # a small network that learns the built-in dataset in minutes on 2 CPU cores.
 CONFIGS = {
     'cpu':      dict(resolution=32, channel_base=4096, channel_max=256, map_layers=2, batch=16, lr=0.002,
-                     gamma=0.05, ema_kimg=5, ema_rampup=0.05, pl_weight=0, mbstd_group=4, kimg=10),
+                     gamma=0.05, ema_kimg=5, ema_rampup=0.05, pl_weight=0, mbstd_group=4, kimg=10,
+                     snap_kimg=2, metrics='swd2k,di2k', metrics_kimg=5),
     'e':        dict(resolution=256, channel_base=16384, channel_max=512, map_layers=8, batch=32, lr=0.002,
-                     gamma=100, ema_kimg=10, ema_rampup=0, pl_weight=2, mbstd_group=4, kimg=25000),
+                     gamma=100, ema_kimg=10, ema_rampup=0, pl_weight=2, mbstd_group=4, kimg=25000,
+                     snap_kimg=50, metrics='fid50k_full,di'),
     'f':        dict(resolution=256, channel_base=32768, channel_max=512, map_layers=8, batch=32, lr=0.002,
-                     gamma=10, ema_kimg=10, ema_rampup=0, pl_weight=2, mbstd_group=4, kimg=25000),
+                     gamma=10, ema_kimg=10, ema_rampup=0, pl_weight=2, mbstd_group=4, kimg=25000,
+                     snap_kimg=50, metrics='fid50k_full,di'),
     'paper256': dict(resolution=256, channel_base=16384, channel_max=512, map_layers=8, batch=64, lr=0.0025,
-                     gamma=1, ema_kimg=20, ema_rampup=0, pl_weight=2, mbstd_group=8, kimg=25000),
+                     gamma=1, ema_kimg=20, ema_rampup=0, pl_weight=2, mbstd_group=8, kimg=25000,
+                     snap_kimg=50, metrics='fid50k_full,di'),
 }
 
 
@@ -101,10 +105,11 @@ def parse_args(argv=None):
     a('--bench-steps', type=int, default=0, help='benchmark: time N steps after 3 warm-up steps, write nothing')
     # logging, snapshots, metrics
     a('--log-sec', type=float, default=10, help='seconds between log lines')
-    a('--snap-kimg', type=float, default=50, help='kimg between snapshots (grid, checkpoint)')
+    a('--snap-kimg', type=float, help='kimg between snapshots: grid, checkpoint (cpu: 2, others: 50)')
     a('--keep', type=int, default=3, help='checkpoints to keep')
-    a('--metrics', default='swd,di', help="comma list (fid50k_full, fid10k, kid50k_full, pr50k3_full, ppl_wend, swd, di, fddf) or 'none'")
-    a('--metrics-kimg', type=float, help='kimg between metric evaluations (default: every snapshot)')
+    a('--metrics', help="comma list: fid50k_full, fid10k, kid50k_full, pr50k3_full, ppl_wend, swd, swd2k, di, di2k, fddf, "
+                        "or 'none' (cpu: swd2k,di2k; others: fid50k_full,di)")
+    a('--metrics-kimg', type=float, help='kimg between metric evaluations (cpu: 5; others: every snapshot)')
     a('--num-gen', type=int, help='override the number of generated images of every metric')
     a('--fid-weights', help='path of the pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth)')
     args = p.parse_args(argv)
@@ -118,16 +123,22 @@ class UserError(Exception):
     """A problem with the flags, the checkpoint or the run that the user can fix; printed as one line."""
 
 
-def check_args(args, world):
+def check_args(args, world, device):
     if args.batch % world:
         raise UserError(f'--batch {args.batch} is not divisible by the {world} processes; use a multiple of {world}')
     b = args.batch // world
     if b % min(args.mbstd_group, b):
         raise UserError(f'per-process batch {b} is not a multiple of --mbstd-group {args.mbstd_group}; change one of them')
+    for name in args.metrics.split(','):
+        if name not in ('', 'none'):
+            try:
+                metrics._parse(name, None, 1)
+            except ValueError as e:
+                raise UserError(f'--metrics: {e}') from None
     if args.sel == 'none' and args.heatmap != 'hier':
         raise UserError('--heatmap only matters with --sel; add --sel norm (or concat/flatten)')
-    if args.amp != 'none' and args.compile and args.amp == 'fp16' and args.device == 'cpu':
-        raise UserError('--amp fp16 needs a GPU; use --amp bf16 on the CPU')
+    if args.amp == 'fp16' and device.type != 'cuda':
+        raise UserError('--amp fp16 needs a CUDA GPU (loss scaling); use --amp bf16 on the CPU')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +215,7 @@ def load_resume(path, args, device):
     if not isinstance(ckpt, dict) or 'args' not in ckpt or 'G' not in ckpt:
         raise UserError(f'{path} is not a checkpoint of this project; pass a ckpt-*.pt written by train.py')
     diff = [f'--{k.replace("_", "-")} {ckpt["args"].get(k)} (this run: {getattr(args, k)})'
-            for k in model.ARCH_KEYS if ckpt['args'].get(k) != getattr(args, k)]
+            for k in model.ARCH_KEYS if k != 'conv_clamp' and ckpt['args'].get(k) != getattr(args, k)]  # --amp may change
     if diff:
         raise UserError(f'checkpoint {path} has another architecture: {"; ".join(diff)}; '
                         f'rerun with its flags or use another --out')
@@ -217,7 +228,7 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init_distributed(args.device)
     try:
-        check_args(args, world)
+        check_args(args, world, device)
         train(args, rank, world, device)
     except (UserError, data.DataError) as e:
         msg = str(e).strip().splitlines()[-1]  # errors re-raised from loader workers carry a traceback
