@@ -655,12 +655,64 @@ def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_g
     return results
 
 
+def plot_curves(series, path, title='', xlabel='kimg', size=(720, 400)):
+    """A line plot with Pillow alone: series = [(label, xs, ys)] -> PNG (e.g. EqGAN-SA Fig. 1's curves)."""
+    from PIL import Image, ImageDraw
+    W, H, L, R, T, B = *size, 56, 200, 28, 36
+    xs = [x for _, sx, _ in series for x in sx]
+    ys = [y for _, _, sy in series for y in sy]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    pad = 0.05 * (y1 - y0 or 1)
+    y0, y1 = y0 - pad, y1 + pad
+    px = lambda x: L + (x - x0) / (x1 - x0 or 1) * (W - L - R)
+    py = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)
+    img = Image.new('RGB', size, 'white')
+    d = ImageDraw.Draw(img)
+    d.rectangle([L, T, W - R, H - B], outline='black')
+    for i in range(5):  # ticks and labels
+        x, y = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
+        d.line([(px(x), H - B), (px(x), H - B + 4)], fill='black')
+        d.text((px(x) - 10, H - B + 6), f'{x:g}', fill='black')
+        d.line([(L - 4, py(y)), (L, py(y))], fill='black')
+        d.text((4, py(y) - 5), f'{y:.2f}', fill='black')
+    if y0 < 0 < y1:
+        d.line([(L, py(0)), (W - R, py(0))], fill=(200, 200, 200))
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    for k, (label, sx, sy) in enumerate(series):
+        c = colours[k % len(colours)]
+        d.line([(px(x), py(y)) for x, y in zip(sx, sy)], fill=c, width=2)
+        d.text((W - R + 10, T + 16 * k), label, fill=c)
+    d.text((L, 8), title, fill='black')
+    d.text(((W - R + L) // 2 - 10, H - 16), xlabel, fill='black')
+    img.save(path)
+
+
+def plot_logs(logs, keys, path, title=''):
+    """Curves of train.py's log.jsonl files: one series per (log, key), labelled by the run folder."""
+    series = []
+    for log in logs:
+        rows = [json.loads(s) for s in open(log)]
+        run = os.path.basename(os.path.dirname(os.path.abspath(log)))
+        for key in keys:
+            pts = [(r['kimg'], r[key]) for r in rows if key in r]
+            if pts:
+                series.append((f'{run} {key}', *zip(*pts)))
+    if not series:
+        raise ValueError(f'none of {keys} in {logs}')
+    plot_curves(series, path, title)
+
+
 def main():
     import argparse
     import data  # only the CLI needs the other files
     import model
-    p = argparse.ArgumentParser(description='Evaluate a train.py checkpoint; prints one JSON line (progress on stderr).')
-    p.add_argument('ckpt', help='checkpoint written by train.py')
+    p = argparse.ArgumentParser(description='Evaluate a train.py checkpoint; prints one JSON line (progress on stderr). '
+                                            'Or plot log.jsonl curves with --plot.')
+    p.add_argument('ckpt', nargs='?', help='checkpoint written by train.py')
+    p.add_argument('--plot', nargs='+', metavar='LOG', help='log.jsonl files to plot (instead of evaluating)')
+    p.add_argument('--keys', default='D/real_min,D/fake_max', help='--plot: log keys to draw (EqGAN-SA Fig. 1)')
+    p.add_argument('--title', default='', help='--plot: title')
+    p.add_argument('--out', default='curves.png', help='--plot: output PNG')
     p.add_argument('--metrics', default='fid50k_full',
                    help='comma-separated: fid50k_full, fid10k, kid50k_full, pr50k3_full, ppl_wend, swd, di, fddf')
     p.add_argument('--data', help='dataset folder or zip (default: the checkpoint\'s own --data)')
@@ -674,6 +726,10 @@ def main():
     p.add_argument('--seed', type=int, default=0, help='seed of the latents and of every random draw')
     p.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda, mps')
     a = p.parse_args()
+    if a.plot:
+        return plot_logs(a.plot, a.keys.split(','), a.out, a.title)
+    if a.ckpt is None:
+        p.error('give a checkpoint to evaluate, or --plot LOG ...')
     rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
     device = a.device if a.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
     if world_size > 1:
@@ -684,7 +740,7 @@ def main():
     ckpt = model.load_checkpoint(a.ckpt, device)
     args = ckpt['args']
     dataset = data.make_dataset(a.data or args.get('data'), resolution=args['resolution'],
-                                max_images=None if a.data else args.get('max_images'))
+                                max_images=None if a.data else args.get('max_images'), seed=args.get('seed', 0))
     results = evaluate(a.metrics.split(','), ckpt['G_ema'], ckpt['D'], dataset, device, rank, world_size, a.batch,
                        a.num_gen, a.fid_weights, a.cache_dir, a.protocol, a.seed, log=lambda s: print(s, file=sys.stderr))
     if rank == 0:

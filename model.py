@@ -628,8 +628,8 @@ def count_flops(net, *inputs):
 def complexity_table(resolution=256, channel_base=16384):
     """Parameters and GFLOPs (per image) of G and D for the baseline and each attention option."""
     base = dict(resolution=resolution, z_dim=512, w_dim=512, channel_base=channel_base, channel_max=512, map_layers=8,
-                mbstd_group=4, conv_clamp=None, g_attn='none', g_attn_res=32, d_attn='none', d_attn_res=8, ref_attn_eq=8,
-                sel='none', heatmap='hier')
+                mbstd_group=4, conv_clamp=None, g_attn='none', g_attn_res=min(32, resolution), d_attn='none', d_attn_res=8,
+                ref_attn_eq=8, sel='none', heatmap='hier')
     rows = [('StyleGAN2', {})] + [(f'+ {k.upper()} in G', dict(g_attn=k)) for k in ('san', 'sagan', 'dfn', 'vt')] + \
            [('+ self-attn in D', dict(d_attn='self')), ('+ ref-attn in D', dict(d_attn='ref')), ('+ SEL_norm', dict(sel='norm'))]
     out = []

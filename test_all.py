@@ -1488,8 +1488,8 @@ def test_cli_prints_one_json_line(monkeypatch, capsys):
     G, D = _met_nets()
     seen = {}
 
-    def make_dataset(path=None, resolution=None, max_images=None):
-        seen.update(path=path, resolution=resolution)
+    def make_dataset(path=None, resolution=None, max_images=None, seed=0):
+        seen.update(path=path, resolution=resolution, seed=seed)
         return TinyData()
 
     monkeypatch.setitem(sys.modules, 'model', types.SimpleNamespace(
@@ -1500,7 +1500,22 @@ def test_cli_prints_one_json_line(monkeypatch, capsys):
     metrics.main()
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and set(json.loads(out[0])) == {'di', 'swd'}
-    assert seen == dict(path='from-ckpt', resolution=16)
+    assert seen == dict(path='from-ckpt', resolution=16, seed=0)
+
+
+def test_plot_logs_draws_each_curve(tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    with open(run / 'log.jsonl', 'w') as f:
+        for k in range(5):
+            f.write(json.dumps({'kimg': k, 'D/real_min': -k, 'D/fake_max': k * 2}) + '\n')
+        f.write(json.dumps({'kimg': 5, 'metrics': {'swd': 1.0}}) + '\n')  # metric lines are skipped
+    metrics.plot_logs([str(run / 'log.jsonl')], ['D/real_min', 'D/fake_max'], str(tmp_path / 'p.png'))
+    img = np.asarray(Image.open(tmp_path / 'p.png'))
+    for colour in [(31, 119, 180), (255, 127, 14)]:  # the two series' colours are drawn
+        assert (img == colour).all(-1).sum() > 50
+    with pytest.raises(ValueError, match='none of'):
+        metrics.plot_logs([str(run / 'log.jsonl')], ['G/loss'], str(tmp_path / 'q.png'))
 
 
 def test_metric_names():
@@ -1656,3 +1671,23 @@ def test_benchmark_mode_times_phases(tmp_path, capsys):
     line = json.loads([s for s in out.splitlines() if s.startswith('{')][-1])
     assert line['bench']['img_per_sec'] > 0 and set(line['bench']['phases_ms']) >= {'Gmain', 'Greg', 'Dmain', 'Dreg', 'ema'}
     assert not os.path.exists(tmp_path / 'bench')  # the benchmark writes nothing
+
+
+# ==============================================================================================
+# model.py command line: samples, heatmap editing, attention maps
+
+def test_model_cli_samples_edits_and_attention_maps(tmp_path, capsys):
+    out = run_train(tmp_path, '--kimg', '0.008', '--resolution', '32', '--sel', 'norm', '--g-attn', 'san',
+                    '--g-attn-res', '16', name='cli')
+    ckpt = glob.glob(f'{out}/ckpt-*.pt')[0]
+    model.main([ckpt, '--seeds', '0-2', '--trunc', '0.7', '--out', str(tmp_path / 's.png'), '--device', 'cpu'])
+    assert Image.open(tmp_path / 's.png').size == (3 * 32, 32)
+    model.main([ckpt, '--seeds', '0,5', '--move', '0.4,0', '--steps', '4', '--out', str(tmp_path / 'e.png'), '--device', 'cpu'])
+    edit = np.asarray(Image.open(tmp_path / 'e.png'))
+    assert edit.shape == (2 * 32, 4 * 32, 3)
+    assert not np.array_equal(edit[:32, :32], edit[:32, 96:])  # the moved heatmap changes the image
+    model.main([ckpt, '--seeds', '1', '--attn-maps', '--out', str(tmp_path / 'a.png'), '--device', 'cpu'])
+    assert Image.open(tmp_path / 'a.png').size == (32, 32)
+    model.main(['--resolution', '16', '--channel-base', '256'])  # the complexity table
+    table = capsys.readouterr().out
+    assert '+ SAN in G' in table and '+ ref-attn in D' in table
