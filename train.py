@@ -343,11 +343,14 @@ def train(args, rank, world, device):
                 torch.cuda.synchronize(device)
             timings[name] = time.perf_counter()
 
+        def begin(name, net, opt):  # only the phase's network takes gradients
+            tic(name)
+            G.requires_grad_(net is G)
+            D.requires_grad_(net is D)
+            opt.zero_grad(set_to_none=True)
+
         # Gmain: adversarial loss (+ EqGAN-SA alignment, Eq. 4)
-        tic('Gmain')
-        G.requires_grad_(True)
-        D.requires_grad_(False)
-        opt_G.zero_grad(set_to_none=True)
+        begin('Gmain', G, opt_G)
         lat = latents(gen)
         with amp:
             fake = G_main(**lat, update_w_avg=True)
@@ -366,8 +369,7 @@ def train(args, rank, world, device):
 
         # Greg: path length on half the batch, every pl_interval steps, weight x interval
         if args.pl_weight > 0 and step % args.pl_interval == 0:
-            tic('Greg')
-            opt_G.zero_grad(set_to_none=True)
+            begin('Greg', G, opt_G)
             half = max(world, B // 2)  # batch shrink 2, over the global batch
             img, ws = G(**latents(gen, half), return_ws=True)
             pl = losses.path_length_penalty(img, ws, pl_mean, noise=draw(gen, 3, *img.shape[2:], total=half)).mean()
@@ -375,10 +377,7 @@ def train(args, rank, world, device):
             phase_step(G, opt_G, scaler_G, pl * args.pl_weight * args.pl_interval)
 
         # Dmain
-        tic('Dmain')
-        G.requires_grad_(False)
-        D.requires_grad_(True)
-        opt_D.zero_grad(set_to_none=True)
+        begin('Dmain', D, opt_D)
         lat = latents(gen)
         with amp:
             with torch.no_grad():
@@ -401,8 +400,7 @@ def train(args, rank, world, device):
 
         # Dreg: R1 every r1_interval steps, weight gamma / 2 x interval
         if args.gamma > 0 and step % args.r1_interval == 0:
-            tic('Dreg')
-            opt_D.zero_grad(set_to_none=True)
+            begin('Dreg', D, opt_D)
             real_ = real.detach().requires_grad_(True)
             r1 = losses.r1_penalty(real_, D(real_, ref)).mean()
             record('D/r1', r1)
