@@ -444,11 +444,22 @@ def build_networks(a):
     return G, D
 
 
-def load_checkpoint(path, device='cpu'):
-    """{'G', 'D', 'G_ema', 'args', 'step', 'nimg'} from a train.py checkpoint (weights_only: no pickled code)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+def read_checkpoint(path, device='cpu'):
+    """The raw dict of a train.py checkpoint (weights_only: no pickled code); ValueError in one line
+    for an unreadable file or one written by something else."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f'cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); '
+                         f'delete it to resume from an older one') from None
     if not isinstance(ckpt, dict) or 'args' not in ckpt or 'G_ema' not in ckpt:
         raise ValueError(f'{path} is not a checkpoint of this project; pass a ckpt-*.pt written by train.py')
+    return ckpt
+
+
+def load_checkpoint(path, device='cpu'):
+    """{'G', 'D', 'G_ema', 'args', 'step', 'nimg'} from a train.py checkpoint, networks rebuilt from its args."""
+    ckpt = read_checkpoint(path, device)
     out = dict(args=ckpt['args'], step=ckpt['step'], nimg=ckpt['nimg'])
     G, D = build_networks(ckpt['args'])
     for key, net in [('G', G), ('D', D), ('G_ema', copy.deepcopy(G))]:
