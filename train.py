@@ -191,6 +191,11 @@ def save_checkpoint(path, state, keep):
         os.remove(old)
 
 
+def last_good(out):
+    last = checkpoint_paths(out)
+    return f'the last good checkpoint is {last[-1] if last else "none"}: resume from it with a lower --lr or --gamma'
+
+
 def resolve_resume(args):
     if args.resume in ('none', ''):
         existing = checkpoint_paths(args.out)
@@ -208,12 +213,9 @@ def resolve_resume(args):
 
 def load_resume(path, args, device):
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); '
-                        f'delete it to resume from an older one') from None
-    if not isinstance(ckpt, dict) or 'args' not in ckpt or 'G' not in ckpt:
-        raise UserError(f'{path} is not a checkpoint of this project; pass a ckpt-*.pt written by train.py')
+        ckpt = model.read_checkpoint(path, device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     diff = [f'--{k.replace("_", "-")} {ckpt["args"].get(k)} (this run: {getattr(args, k)})'
             for k in model.ARCH_KEYS if k != 'conv_clamp' and ckpt['args'].get(k) != getattr(args, k)]  # --amp may change
     if diff:
@@ -230,6 +232,8 @@ def main(argv=None):
     try:
         check_args(args, world, device)
         train(args, rank, world, device)
+        if world > 1:  # leave together: a rank tearing gloo down while rank 0 still writes can abort
+            dist.barrier()
     except (UserError, data.DataError) as e:
         msg = str(e).strip().splitlines()[-1]  # errors re-raised from loader workers carry a traceback
         print(f'error: {msg}', file=sys.stderr, flush=True)
@@ -444,9 +448,7 @@ def train(args, rank, world, device):
             vals.update({k: v.item() for k, v in extremes.items()})
             bad = [k for k, v in vals.items() if v != v or abs(v) == float('inf')]
             if bad:
-                last = checkpoint_paths(args.out)
-                raise UserError(f'non-finite {", ".join(bad)} at kimg {nimg / 1000:.2f}; the last good checkpoint is '
-                                f'{last[-1] if last else "none"}: resume from it with a lower --lr or --gamma, or --amp none')
+                raise UserError(f'non-finite {", ".join(bad)} at kimg {nimg / 1000:.2f}; {last_good(args.out)}, or --amp none')
             dt, t_log = time.time() - t_log, time.time()
             ips = (nimg - n_log) / dt
             n_log = nimg
@@ -481,10 +483,8 @@ def snapshot(args, rank, world, device, step, nimg, G, D, G_ema, opt_G, opt_D, s
     finite = torch.tensor(float(all(torch.isfinite(p).all() for p in G.parameters())), device=device)
     if world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    last = checkpoint_paths(args.out)
     if not finite.item():
-        raise UserError(f'G weights became non-finite at kimg {nimg / 1000:.2f}; the last good checkpoint is '
-                        f'{last[-1] if last else "none"}: resume from it with a lower --lr or --gamma')
+        raise UserError(f'G weights became non-finite at kimg {nimg / 1000:.2f}; {last_good(args.out)}')
     if rank != 0:
         return
     data.save_grid(generate_images(G_ema, grid_z, grid_h, args.batch), os.path.join(args.out, f'fakes-{step:07d}.png'))
@@ -509,7 +509,7 @@ def generate_images(G, z, heatmaps, batch):
     for i in range(0, z.shape[0], batch):
         h = None if heatmaps is None else {k: v[i:i + batch] for k, v in heatmaps.items()}
         out.append(G(z[i:i + batch], noise_mode='const', heatmaps=h))
-    return (torch.cat(out) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    return model.to_uint8(torch.cat(out))
 
 
 def benchmark(args, train_step, loader, ref_loader, device, B):
@@ -536,7 +536,7 @@ def benchmark(args, train_step, loader, ref_loader, device, B):
                phase_counts={k: len(v) for k, v in per_phase.items()})
     print(f'bench: {res["img_per_sec"]} img/s, {res["ms_per_step"]} ms/step, peak {res["peak_mem_gb"]} GB; '
           f'ms per phase occurrence: {res["phases_ms"]} over {res["phase_counts"]} occurrences', flush=True)
-    print(json.dumps(dict(bench=res, args={k: v for k, v in vars(args).items() if not callable(v)})), flush=True)
+    print(json.dumps(dict(bench=res, args=vars(args))), flush=True)
     return res
 
 
