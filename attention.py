@@ -78,6 +78,75 @@ def softmax(x, dim):
     return x.softmax(dim, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)
 
 # ----------------------------------------------------------------------------
+# SAN's aggregation (Eq. 2.6) and its adjoints, with hand-written gradients of any order.
+#
+# v: values [B, share, G, H, W] (channel c = share index * G + group), w: weights [B, G, s*s, H, W].
+#   agg(v, w)   = sum_k shift_k(v) * w_k                  -> [B, share, G, H, W]  (Eq. 2.6)
+#   agg_t(g, w) = sum_k shift_k^T(g * w_k)                -> v's shape   (d agg / d v, transposed)
+#   corr(v, g)  = [sum_share shift_k(v) * g]_k            -> w's shape   (d agg / d w, transposed)
+# shift_k(v)(i, j) = v(i + m - s//2, j + n - s//2), zero outside, k = m s + n. The three are bilinear
+# and each one's gradients are the others (see backward), so R1 / path length (double backward) work.
+# A loop over the s*s offsets accumulating in place: plain autograd over sliced views would allocate
+# and zero a padded-input-sized gradient buffer per offset (measured 1.5x slower on the CPU), and
+# unfolding v would store s*s copies of it. Sums run in fp32 under bf16 autocast.
+
+
+def _agg(v, w, s):
+    B, S, G, H, W = v.shape
+    vp = F.pad(v, [s // 2] * 4)
+    out = torch.zeros(B, S, G, H, W, dtype=torch.promote_types(v.dtype, torch.float32), device=v.device)
+    for k in range(s * s):
+        m, n = divmod(k, s)
+        out.addcmul_(vp[..., m:m + H, n:n + W], w[:, None, :, k])
+    return out.to(v.dtype)
+
+
+def _agg_t(g, w, s):
+    B, S, G, H, W = g.shape
+    p = s // 2
+    out = torch.zeros(B, S, G, H + 2 * p, W + 2 * p, dtype=torch.promote_types(g.dtype, torch.float32),
+                      device=g.device)
+    for k in range(s * s):
+        m, n = divmod(k, s)
+        out[..., m:m + H, n:n + W].addcmul_(g, w[:, None, :, k])
+    return out[..., p:p + H, p:p + W].to(g.dtype)
+
+
+def _corr(v, g, s):
+    B, S, G, H, W = v.shape
+    vp = F.pad(v, [s // 2] * 4)
+    acc = torch.promote_types(v.dtype, torch.float32)
+    out = torch.empty(s * s, B, G, H, W, dtype=acc, device=v.device)
+    prod = torch.empty(B, S, G, H, W, dtype=acc, device=v.device)  # reused: a fresh buffer per offset is slow
+    for k in range(s * s):
+        m, n = divmod(k, s)
+        torch.sum(torch.mul(vp[..., m:m + H, n:n + W], g, out=prod), 1, out=out[k])
+    return out.movedim(0, 2).to(v.dtype)
+
+
+class _Aggregation(torch.autograd.Function):
+    """apply(kind, a, b, s): agg(v, w), agg_t(g, w) or corr(v, g) for patch size s."""
+
+    @staticmethod
+    def forward(ctx, kind, a, b, s):
+        ctx.kind, ctx.s = kind, s
+        ctx.save_for_backward(a, b)
+        return {'agg': _agg, 'agg_t': _agg_t, 'corr': _corr}[kind](a, b, s)
+
+    @staticmethod
+    def backward(ctx, h):
+        a, b = ctx.saved_tensors
+        op, s, kind = _Aggregation.apply, ctx.s, ctx.kind
+        if kind == 'agg':      # a = v, b = w
+            grads = (lambda: op('agg_t', h, b, s), lambda: op('corr', a, h, s))
+        elif kind == 'agg_t':  # a = g, b = w
+            grads = (lambda: op('agg', h, b, s), lambda: op('corr', h, a, s))
+        else:                  # corr: a = v, b = g; h has w's shape
+            grads = (lambda: op('agg_t', b, h, s), lambda: op('agg', a, h, s))
+        return (None, *(f() if need else None for f, need in zip(grads, ctx.needs_input_grad[1:3])), None)
+
+
+# ----------------------------------------------------------------------------
 # SAN patch-wise self-attention, Eq. 2.4-2.7 (the machinery RefAttention reuses for Eq. 2.8).
 
 
@@ -120,22 +189,10 @@ class SAN(nn.Module):
 
     def aggregate(self, v, w):
         """Eq. 2.6: o(i, j) = sum_{m,n} w(m, n) v(i + m - s//2, j + n - s//2), zero padded at the
-        borders (a position near the edge sees zeros, as in SAN's zero-pad aggregation kernel).
-        A static loop over the s*s offsets, not positions: autograd keeps only v and w (unfolding v
-        would store s*s copies of it), and torch.compile fuses the loop into one kernel."""
+        borders (a position near the edge sees zeros, as in SAN's zero-pad aggregation kernel)."""
         B, C, H, W = v.shape
-        s, G = self.patch, self.groups
-        vp = F.pad(v, [s // 2] * 4).reshape(B, C // G, G, H + s - 1, W + s - 1)  # [B, share, G, H+s-1, W+s-1]
-        # Row bands sliced once and w unbound, not sliced per offset: each slice would cost a zero-filled,
-        # v- or w-sized gradient buffer per offset in backward.
-        rows = [vp[..., m:m + H, :] for m in range(s)]  # s x [B, share, G, H, W+s-1]
-        ws = w.unsqueeze(1).unbind(3)                   # s*s x [B, 1, G, H, W]
-        acc = torch.promote_types(v.dtype, torch.float32)  # sum the s*s (bf16) products in fp32
-        out = rows[0][..., :W].to(acc) * ws[0]          # [B, share, G, H, W]
-        for k in range(1, s * s):
-            m, n = divmod(k, s)
-            out = torch.addcmul(out, rows[m][..., n:n + W], ws[k])
-        return out.to(v.dtype).reshape(B, C, H, W)
+        out = _Aggregation.apply('agg', v.reshape(B, C // self.groups, self.groups, H, W), w, self.patch)
+        return out.reshape(B, C, H, W)
 
     def forward(self, x, return_weights=False):
         """x: [B, C, H, W]. With return_weights also w [B, G, s*s, H, W]; thesis Fig. 2.5 shows, for a

@@ -352,6 +352,32 @@ def test_attention_san_matches_naive_loop(kw, hw):
     assert (y - x).abs().max() > 1e-2  # the attention branch is not zero at init (residual + attention)
 
 
+def test_attention_san_aggregation_gradients_of_any_order():
+    # Eq. 2.6 has hand-written gradients (three bilinear ops that differentiate into each other):
+    # check them against finite differences (gradcheck) and second order (gradgradcheck, as R1 and
+    # path length need), and against plain autograd through an unfold of the padded values.
+    s, G = 3, 2
+    v = torch.randn(2, 6, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, G, s * s, 4, 5, dtype=torch.float64, requires_grad=True)
+    m = attention.SAN(6, patch=s, reduction=3, share=3).double()
+    assert m.groups == G
+    torch.autograd.gradcheck(m.aggregate, (v, w))
+    torch.autograd.gradgradcheck(m.aggregate, (v, w))
+
+    def unfolded(v, w):  # o[b, c] = sum_k unfold(v)[b, c, k] * w[b, c % G, k]
+        cols = F.unfold(v, s, padding=s // 2).view(2, 6, s * s, 4, 5)
+        return (cols * w.repeat(1, 3, 1, 1, 1)).sum(2)
+    gy = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    results = []
+    for f in (m.aggregate, unfolded):
+        out = f(v, w)
+        gv, gw = torch.autograd.grad(out, (v, w), gy, create_graph=True)
+        hv, hw = torch.autograd.grad((gv.square().sum() + gw.sin().sum()), (v, w))
+        results.append((out, gv, gw, hv, hw))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
 @pytest.mark.parametrize('eq,srcs', [(8, 'rrp'), (1, 'prr'), (2, 'prp')])
 def test_attention_ref_routes_k_q_v(eq, srcs):
     m = _attn_make('ref', 16, eq=eq, patch=3, reduction=4, share=4).double()
@@ -1489,18 +1515,21 @@ def test_cli_prints_one_json_line(monkeypatch, capsys):
     seen = {}
 
     def make_dataset(path=None, resolution=None, max_images=None, seed=0):
-        seen.update(path=path, resolution=resolution, seed=seed)
+        seen.update(path=path, resolution=resolution, max_images=max_images, seed=seed)
         return TinyData()
 
-    monkeypatch.setitem(sys.modules, 'model', types.SimpleNamespace(
-        load_checkpoint=lambda path, device: dict(G_ema=G, D=D, args=dict(data='from-ckpt', resolution=16))))
+    monkeypatch.setitem(sys.modules, 'model', types.SimpleNamespace(load_checkpoint=lambda path, device: dict(
+        G_ema=G, D=D, args=dict(data='from-ckpt', resolution=16, max_images=64, seed=3))))
     monkeypatch.setitem(sys.modules, 'data', types.SimpleNamespace(make_dataset=make_dataset))
-    monkeypatch.setattr(sys, 'argv', ['metrics.py', 'ckpt.pt', '--metrics', 'di,swd', '--num-gen', '40', '--batch', '16',
-                                      '--device', 'cpu'])
+    argv = ['metrics.py', 'ckpt.pt', '--metrics', 'di,swd', '--num-gen', '40', '--batch', '16', '--device', 'cpu']
+    monkeypatch.setattr(sys, 'argv', argv)
     metrics.main()
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and set(json.loads(out[0])) == {'di', 'swd'}
-    assert seen == dict(path='from-ckpt', resolution=16, seed=0)
+    assert seen == dict(path='from-ckpt', resolution=16, max_images=64, seed=3)  # the run's own data
+    monkeypatch.setattr(sys, 'argv', argv + ['--max-images', '500'])  # a limited-data run vs more images
+    metrics.main()
+    assert seen == dict(path='from-ckpt', resolution=16, max_images=500, seed=3)
 
 
 def test_plot_logs_draws_each_curve(tmp_path):
@@ -1640,6 +1669,7 @@ def test_bad_flags_and_checkpoints_give_one_line_errors(tmp_path, capsys):
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--heatmap', 'noise'], '--sel')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--metrics', 'swd,fid50k3'], 'unknown metric')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--amp', 'fp16'], 'bf16')
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--sel', 'norm', '--align-interval', '0'], '--align-interval 0')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--data', str(tmp_path / 'nowhere')], 'nowhere')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--resume', str(tmp_path / 'x.pt')], 'no such file')
     run_train(tmp_path, '--kimg', '0.008', name='r')
@@ -1671,6 +1701,21 @@ def test_benchmark_mode_times_phases(tmp_path, capsys):
     line = json.loads([s for s in out.splitlines() if s.startswith('{')][-1])
     assert line['bench']['img_per_sec'] > 0 and set(line['bench']['phases_ms']) >= {'Gmain', 'Greg', 'Dmain', 'Dreg', 'ema'}
     assert not os.path.exists(tmp_path / 'bench')  # the benchmark writes nothing
+
+
+def test_lazy_alignment_runs_every_n_steps_with_weight_times_n(tmp_path, monkeypatch):
+    calls = []
+    real_align = losses.align_loss
+    monkeypatch.setattr(losses, 'align_loss', lambda *a, **k: calls.append(1) or real_align(*a, **k))
+    run_train(tmp_path, '--kimg', '0.048', '--sel', 'norm', '--align-interval', '3', name='six')
+    assert len(calls) == 2  # 6 steps: steps 0 and 3
+    # one step: interval 3 with weight 1 is the same update as interval 1 with weight 3, not weight 1
+    one = ['--kimg', '0.008', '--sel', 'norm']
+    a = load(glob.glob(run_train(tmp_path, *one, '--align-interval', '3', name='a') + '/ckpt-*.pt')[0])
+    b = load(glob.glob(run_train(tmp_path, *one, '--align-weight', '3', name='b') + '/ckpt-*.pt')[0])
+    c = load(glob.glob(run_train(tmp_path, *one, name='c') + '/ckpt-*.pt')[0])
+    assert_same_state(a, b, atol=1e-6)
+    assert any(not torch.allclose(a['G'][k], c['G'][k], atol=1e-6) for k in a['G'])
 
 
 # ==============================================================================================
