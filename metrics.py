@@ -716,6 +716,8 @@ def main():
     p.add_argument('--metrics', default='fid50k_full',
                    help='comma-separated: fid50k_full, fid10k, kid50k_full, pr50k3_full, ppl_wend, swd, di, fddf')
     p.add_argument('--data', help='dataset folder or zip (default: the checkpoint\'s own --data)')
+    p.add_argument('--max-images', type=int, help='real images: the first N of the dataset (default: the '
+                   'checkpoint\'s own --max-images; e.g. 50000 scores a limited-data run against the whole built-in set)')
     p.add_argument('--fid-weights', help=f'pytorch-fid Inception weights (default: hub cache, else {FID_WEIGHTS_URL})')
     p.add_argument('--num-gen', type=int, help='generated images per metric (default: the count in its name)')
     p.add_argument('--batch', type=int, default=64, help='images per forward pass per GPU')
@@ -740,7 +742,8 @@ def main():
     ckpt = model.load_checkpoint(a.ckpt, device)
     args = ckpt['args']
     dataset = data.make_dataset(a.data or args.get('data'), resolution=args['resolution'],
-                                max_images=None if a.data else args.get('max_images'), seed=args.get('seed', 0))
+                                max_images=a.max_images or (None if a.data else args.get('max_images')),
+                                seed=args.get('seed', 0))
     results = evaluate(a.metrics.split(','), ckpt['G_ema'], ckpt['D'], dataset, device, rank, world_size, a.batch,
                        a.num_gen, a.fid_weights, a.cache_dir, a.protocol, a.seed, log=lambda s: print(s, file=sys.stderr))
     if rank == 0:

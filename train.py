@@ -97,6 +97,8 @@ def parse_args(argv=None):
     a('--align-tau', type=float, default=0.25, help='EqGAN-SA truncation threshold tau (Eq. 4)')
     a('--align-truncation', default='paper', choices=['paper', 'official'],
       help="Eq. 4 truncation: 'paper' zeroes errors <= tau; 'official' averages only errors > tau (authors' code)")
+    a('--align-interval', type=int, default=1,
+      help='EqGAN-SA: alignment loss every N G steps with weight x N (lazy, like R1; 1 = every step, the paper)')
     a('--no-align', action='store_true', help='SEL without the GradCAM alignment loss (Table 1: "+SEL")')
     # speed
     a('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='autocast the main phases')
@@ -137,6 +139,8 @@ def check_args(args, world, device):
                 raise UserError(f'--metrics: {e}') from None
     if args.sel == 'none' and args.heatmap != 'hier':
         raise UserError('--heatmap only matters with --sel; add --sel norm (or concat/flatten)')
+    if args.align_interval < 1:
+        raise UserError(f'--align-interval {args.align_interval} must be at least 1 (1 = every G step)')
     if args.amp == 'fp16' and device.type != 'cuda':
         raise UserError('--amp fp16 needs a CUDA GPU (loss scaling); use --amp bf16 on the CPU')
 
@@ -356,19 +360,20 @@ def train(args, rank, world, device):
         # Gmain: adversarial loss (+ EqGAN-SA alignment, Eq. 4)
         begin('Gmain', G, opt_G)
         lat = latents(gen)
+        align_now = align and step % args.align_interval == 0
         with amp:
             fake = G_main(**lat, update_w_avg=True)
-            if align:  # one D pass for both losses; GradCAM's double backward needs the eager D
+            if align_now:  # one D pass for both losses; GradCAM's double backward needs the eager D
                 fake_logits, maps = D(fake, ref, return_maps=True)
             else:
                 fake_logits = D_main(fake, ref)
             real_logits = D_main(real, ref).detach() if kind == 'contrastive' else None
             loss = losses.g_loss(kind, fake_logits, real_logits, args.g_form)
         record('G/loss', loss)
-        if align:  # EqGAN-SA Eq. 4
+        if align_now:  # EqGAN-SA Eq. 4
             l_align = losses.align_loss(fake_logits, maps, lat['heatmaps'], args.align_tau, args.align_truncation)
             record('G/align', l_align)
-            loss = loss + args.align_weight * l_align
+            loss = loss + args.align_weight * args.align_interval * l_align
         phase_step(G, opt_G, scaler_G, loss)
 
         # Greg: path length on half the batch, every pl_interval steps, weight x interval
