@@ -55,8 +55,25 @@ def fir_filter():
 
 def blur(x, f, padding, gain=1.0):
     """Depthwise 2D FIR filtering: [B, C, H, W] -> [B, C, H + 2p - 3, W + 2p - 3]."""
-    C = x.shape[1]
-    return F.conv2d(x, (f * gain).to(x.dtype).expand(C, 1, 4, 4), padding=padding, groups=C)
+    return _Blur.apply(x, f * gain, padding)
+
+
+class _Blur(torch.autograd.Function):
+    """Depthwise conv with one k x k filter for all channels. Its gradient is the same filtering with
+    the flipped filter and padding k - 1 - p, so every derivative order stays one depthwise conv:
+    PyTorch's own double backward of a grouped conv (R1, path length, GradCAM) runs one conv per
+    channel, 3-8x slower on the CPU."""
+
+    @staticmethod
+    def forward(ctx, x, f, padding):
+        ctx.save_for_backward(f)
+        ctx.padding = padding
+        return F.conv2d(x, f.to(x.dtype).expand(x.shape[1], 1, *f.shape), padding=padding, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, g):
+        f, = ctx.saved_tensors
+        return _Blur.apply(g, f.flip([0, 1]), f.shape[-1] - 1 - ctx.padding), None, None
 
 
 def upsample2d(x, f):

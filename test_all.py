@@ -153,6 +153,25 @@ def test_upsample_and_downsample_filters():
     assert torch.allclose(model.blur(c, f, 2)[:, :, 2:-2, 2:-2], torch.ones(1, 3, 5, 5))
 
 
+@pytest.mark.parametrize('padding', [1, 2])
+def test_blur_gradients_of_any_order(padding):
+    # blur has a hand-written gradient (the flipped filter, padding k - 1 - p): compare values and
+    # first and second derivatives with autograd through a plain grouped conv; an asymmetric filter
+    # checks the flip, gradgradcheck the second order R1 / path length / GradCAM need.
+    f = torch.rand(4, 4, dtype=torch.float64)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    plain = lambda x: F.conv2d(x, f.expand(3, 1, 4, 4), padding=padding, groups=3)
+    outs = []
+    for fn in (lambda x: model.blur(x, f, padding), plain):
+        y = fn(x)
+        g, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        h, = torch.autograd.grad(g.sin().sum(), x)
+        outs.append((y, g, h))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-10)
+    torch.autograd.gradgradcheck(lambda x: model.blur(x, f, padding), (x,))
+
+
 def test_minibatch_std_hand_computation():
     torch.manual_seed(0)
     x = torch.randn(8, 6, 4, 4)
