@@ -13,6 +13,7 @@ D returns one raw logit per image, shape [B], larger = more real.
 Run alone:
   python model.py                                     # parameter counts (config E, 256x256) and shapes
   python model.py CKPT --seeds 0-15 --trunc 0.7 --out grid.png        # samples from a checkpoint
+  python model.py CKPT1 CKPT2 --seeds 0-7 --out compare.png           # one row per run, same latents
   python model.py CKPT --heatmap-centers 0.5,0.5 --move 0.2,0 --out edit.png   # EqGAN-SA editing
   python model.py CKPT --attn-maps --out attn.png     # SAN attention maps (thesis Fig. 2.5)
 """
@@ -726,7 +727,8 @@ def attention_maps(G, z, points, heatmaps=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description='Parameter counts (no CKPT), or samples / edits / attention maps from a checkpoint.')
-    p.add_argument('ckpt', nargs='?', help='checkpoint written by train.py (ckpt-*.pt)')
+    p.add_argument('ckpt', nargs='*', help='checkpoint written by train.py (ckpt-*.pt); several: one row of the '
+                   'same seeds each (compare runs)')
     p.add_argument('--seeds', default='0-15', help="latent seeds, e.g. '0-15' or '1,5,9'")
     p.add_argument('--trunc', type=float, default=1.0, help='truncation psi (1 = none)')
     p.add_argument('--trunc-cutoff', type=int, help='truncate only the first N ws')
@@ -740,21 +742,26 @@ def main(argv=None):
     p.add_argument('--channel-base', type=int, default=16384, help='without CKPT: channel base (config E: 16384)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     a = p.parse_args(argv)
-    if a.ckpt is None:
+    if not a.ckpt:
         print(f'config E widths (channel_base {a.channel_base}, channel_max 512, 8 mapping layers) at {a.resolution}x{a.resolution}')
         print(f'{"":18s} {"G params":>9s} {"D params":>9s} {"total":>8s} {"G GFLOPs":>9s} {"D GFLOPs":>9s}')
         for name, g, d, gf, df in complexity_table(a.resolution, a.channel_base):
             print(f'{name:18s} {g:8.2f}M {d:8.2f}M {g + d:7.2f}M {gf:9.2f} {df:9.2f}')
         return
-    dev = torch.device(a.device)
-    G = load_checkpoint(a.ckpt, dev)['G_ema']
-    seeds = parse_seeds(a.seeds)
-    z = torch.stack([torch.randn(G.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(dev)
-    gens = [torch.Generator(dev).manual_seed(s) for s in seeds]
-    heat = None
-    if G.uses_heatmaps:
-        hs = [G.sample_heatmaps(1, dev, g) for g in gens]
-        heat = {k: torch.cat([h[k] for h in hs]) for k in hs[0]}
+    if len(a.ckpt) > 1 and (a.move or a.heatmap_centers or a.attn_maps):
+        raise SystemExit('error: --move, --heatmap-centers and --attn-maps take one checkpoint; several only sample')
+    plain = not (a.move or a.heatmap_centers or a.attn_maps)
+    dev, seeds, rows = torch.device(a.device), parse_seeds(a.seeds), []
+    for path in a.ckpt:
+        G = load_checkpoint(path, dev)['G_ema']
+        z = torch.stack([torch.randn(G.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(dev)
+        heat = None
+        if G.uses_heatmaps:
+            hs = [G.sample_heatmaps(1, dev, torch.Generator(dev).manual_seed(s)) for s in seeds]
+            heat = {k: torch.cat([h[k] for h in hs]) for k in hs[0]}
+        if plain:
+            with torch.no_grad():
+                rows.append(to_uint8(G(z, psi=a.trunc, cutoff=a.trunc_cutoff, noise_mode='const', heatmaps=heat)))
     with torch.no_grad():
         if a.move or a.heatmap_centers:
             if not G.uses_heatmaps:
@@ -773,9 +780,8 @@ def main(argv=None):
         elif a.attn_maps:
             pts = [tuple(float(v) for v in q.split(',')) for q in a.points.split(';')]
             save_image_grid(attention_maps(G, z, pts, heat), a.out, min(len(seeds), 8))
-        else:
-            img = to_uint8(G(z, psi=a.trunc, cutoff=a.trunc_cutoff, noise_mode='const', heatmaps=heat))
-            save_image_grid(img, a.out, min(len(seeds), 8))
+        else:  # one checkpoint: rows of 8; several: one row each
+            save_image_grid(torch.cat(rows), a.out, min(len(seeds), 8) if len(rows) == 1 else len(seeds))
     print(f'wrote {a.out}')
 
 
