@@ -682,14 +682,15 @@ def parse_seeds(s):
     return seeds
 
 
-def save_image_grid(images, path, cols):
-    """uint8 [N, 3, H, W] -> one PNG, `cols` images per row."""
+def save_image_grid(images, path, cols, zoom=1):
+    """uint8 [N, 3, H, W] -> one PNG, `cols` images per row, each pixel a zoom x zoom square."""
     from PIL import Image
     N, _, H, W = images.shape
     rows = math.ceil(N / cols)
     grid = torch.zeros(rows * cols, 3, H, W, dtype=torch.uint8)
     grid[:N] = images
     grid = grid.view(rows, cols, 3, H, W).permute(0, 3, 1, 4, 2).reshape(rows * H, cols * W, 3)
+    grid = grid.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
     Image.fromarray(grid.numpy()).save(path)
 
 
@@ -733,6 +734,7 @@ def main(argv=None):
     p.add_argument('--trunc', type=float, default=1.0, help='truncation psi (1 = none)')
     p.add_argument('--trunc-cutoff', type=int, help='truncate only the first N ws')
     p.add_argument('--out', default='samples.png', help='output PNG')
+    p.add_argument('--zoom', type=int, default=1, help='enlarge the PNG N times (nearest neighbour), for small images')
     p.add_argument('--heatmap-centers', help="EqGAN-SA editing: level-0 heatmap centre 'x,y' in [0, 1] (default: sampled)")
     p.add_argument('--move', help="EqGAN-SA editing: move the heatmaps by 'dx,dy' (image fractions) over --steps columns")
     p.add_argument('--steps', type=int, default=5, help='columns of the editing grid')
@@ -776,12 +778,12 @@ def main(argv=None):
                 h = G.spatial.render(G.spatial.shift(centers, t * dx, t * dy))
                 cols.append(to_uint8(G(z, psi=a.trunc, cutoff=a.trunc_cutoff, noise_mode='const', heatmaps=h)))
             imgs = torch.stack(cols, 1).flatten(0, 1)  # rows: seeds, columns: heatmap positions
-            save_image_grid(imgs, a.out, len(cols))
+            save_image_grid(imgs, a.out, len(cols), a.zoom)
         elif a.attn_maps:
             pts = [tuple(float(v) for v in q.split(',')) for q in a.points.split(';')]
-            save_image_grid(attention_maps(G, z, pts, heat), a.out, min(len(seeds), 8))
+            save_image_grid(attention_maps(G, z, pts, heat), a.out, min(len(seeds), 8), a.zoom)
         else:  # one checkpoint: rows of 8; several: one row each
-            save_image_grid(torch.cat(rows), a.out, min(len(seeds), 8) if len(rows) == 1 else len(seeds))
+            save_image_grid(torch.cat(rows), a.out, min(len(seeds), 8) if len(rows) == 1 else len(seeds), a.zoom)
     print(f'wrote {a.out}')
 
 
