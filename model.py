@@ -750,9 +750,9 @@ def main(argv=None):
         for name, g, d, gf, df in complexity_table(a.resolution, a.channel_base):
             print(f'{name:18s} {g:8.2f}M {d:8.2f}M {g + d:7.2f}M {gf:9.2f} {df:9.2f}')
         return
-    if len(a.ckpt) > 1 and (a.move or a.heatmap_centers or a.attn_maps):
-        raise SystemExit('error: --move, --heatmap-centers and --attn-maps take one checkpoint; several only sample')
     plain = not (a.move or a.heatmap_centers or a.attn_maps)
+    if len(a.ckpt) > 1 and not plain:
+        raise SystemExit('error: --move, --heatmap-centers and --attn-maps take one checkpoint; several only sample')
     dev, seeds, rows = torch.device(a.device), parse_seeds(a.seeds), []
     for path in a.ckpt:
         G = load_checkpoint(path, dev)['G_ema']
