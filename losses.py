@@ -144,6 +144,7 @@ def path_length_penalty(img, ws, pl_mean, decay=0.01, noise=None):
 # EqGAN-SA (Wang et al., CVPR 2022): GradCAM on D (Sec. 2.2) and the alignment loss (Sec. 3.2, Eq. 4)
 
 TRUNCATIONS = ('paper', 'official')
+CAM_WEIGHTS = ('graph', 'detached')
 
 
 def minmax(x, eps=1e-8):
@@ -153,20 +154,26 @@ def minmax(x, eps=1e-8):
     return ((flat - lo) / (hi - lo + eps)).view_as(x)
 
 
-def gradcam(logits, maps, levels):
+def gradcam(logits, maps, levels, weights='graph'):
     """GradCAM (Selvaraju et al. 2017) of D at the block outputs maps[r], r in levels: {r: [B, 1, r, r]}.
 
     Score: the logit, i.e. the gradient of "maximising D's output" (Sec. 2.2; the authors' code uses
     the G non-saturating loss, whose per-sample gradient is the logit's times -sigmoid(-logit) / B:
     the opposite sign). Weights w_c = spatial mean of d sum(logits) / dA_c; CAM = ReLU(sum_c w_c A_c),
-    min-max normalised per sample. One autograd.grad with create_graph=True, so a loss on the CAM
-    reaches G through A and through the weights; D's parameters get no gradient when frozen
-    (requires_grad_(False), as train.py does in Gmain). Samples couple only through D's minibatch-std.
+    min-max normalised per sample. weights='graph': one autograd.grad with create_graph=True, so a
+    loss on the CAM reaches G through A and through the weights w_c (the whole derivative of Eq. 4, a
+    double backward through D); 'detached': w_c are constants, as in the authors' code (their weights
+    come from a separate backward and are detached), so the loss reaches G through A only and costs
+    one first-order backward of D above the maps (the graph is kept for the G loss's backward).
+    D's parameters get no gradient when frozen (requires_grad_(False), as train.py does in Gmain).
+    Samples couple only through D's minibatch-std.
     Reference-attention D: maps above the fusion hold [primaries; references] (2B rows): both rows
     take part in the gradient, then the first B are kept."""
     B = logits.shape[0]
     feats = [maps[r] for r in levels]
-    grads = torch.autograd.grad(logits.float().sum(), feats, create_graph=True)
+    if weights not in CAM_WEIGHTS:
+        raise ValueError(f'unknown GradCAM weights {weights!r}; choose one of {", ".join(CAM_WEIGHTS)}')
+    grads = torch.autograd.grad(logits.float().sum(), feats, create_graph=weights == 'graph', retain_graph=True)
     cams = {}
     for r, a, g in zip(levels, feats, grads):
         a, g = a[:B].float(), g[:B].float()  # [B, C, r, r]
@@ -191,16 +198,17 @@ def truncated_l1(err, tau=0.25, truncation='paper'):
     raise ValueError(f'unknown truncation {truncation!r}; choose one of {", ".join(TRUNCATIONS)}')
 
 
-def align_loss(logits, maps, heatmaps, tau=0.25, truncation='paper'):
+def align_loss(logits, maps, heatmaps, tau=0.25, truncation='paper', cam_weights='graph'):
     """Eq. 4: L_align = || GradCAM_D[G(H, z)] - H ||_1, truncated below tau, from the same D forward as
     the adversarial loss: `logits, maps = D(fake, ref, return_maps=True)`. heatmaps: G's dict
     ({'h4': [B, 1, 4, 4], 'h8', 'h16'}); compared at the levels D has maps for (4, 8 and, from 32 px, 16),
     each min-max normalised per sample (CAM resized to the heatmap's size if they differ); the loss is
-    the sum over levels of each level's truncated mean (weight 1 per level, as the authors' code)."""
+    the sum over levels of each level's truncated mean (weight 1 per level, as the authors' code).
+    cam_weights: 'graph' or 'detached', see gradcam."""
     levels = [r for r in sorted(maps) if f'h{r}' in heatmaps]
     if not levels:
         raise ValueError(f'no heatmap level matches a D map (maps at {sorted(maps)}, heatmaps {sorted(heatmaps)})')
-    cams = gradcam(logits, maps, levels)
+    cams = gradcam(logits, maps, levels, cam_weights)
     loss = 0
     for r in levels:
         h = minmax(heatmaps[f'h{r}'].float())  # [B, 1, r, r]

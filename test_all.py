@@ -818,6 +818,12 @@ def test_gradcam_differentiates_through_the_weights():
     want = F.relu(((2 * W * xd.detach()).mean((2, 3), keepdim=True) * xd).sum(1, keepdim=True))
     (g_no,) = torch.autograd.grad((losses.minmax(want) - target).abs().sum(), xd)
     assert not torch.allclose(g_cam, g_no, atol=1e-3)
+    # 'detached' (the authors' code): the same CAM, and exactly the gradient without the weights' path
+    cam_d = losses.gradcam((W * x.square()).sum((1, 2, 3)), {r: x}, [r], weights='detached')[r]
+    (g_d,) = torch.autograd.grad((cam_d - target).abs().sum(), x)
+    assert torch.allclose(cam_d, cam, atol=1e-6) and torch.allclose(g_d, g_no, atol=1e-5)
+    with pytest.raises(ValueError, match='GradCAM weights'):
+        losses.gradcam(x.sum((1, 2, 3)), {r: x}, [r], weights='none')
 
 
 def test_truncation_semantics():
@@ -1735,6 +1741,8 @@ def test_lazy_alignment_runs_every_n_steps_with_weight_times_n(tmp_path, monkeyp
     c = load(glob.glob(run_train(tmp_path, *one, name='c') + '/ckpt-*.pt')[0])
     assert_same_state(a, b, atol=1e-6)
     assert any(not torch.allclose(a['G'][k], c['G'][k], atol=1e-6) for k in a['G'])
+    d = load(glob.glob(run_train(tmp_path, *one, '--cam-weights', 'detached', name='d') + '/ckpt-*.pt')[0])
+    assert any(not torch.allclose(d['G'][k], c['G'][k], atol=1e-6) for k in c['G'])  # the flag reaches the loss
 
 
 # ==============================================================================================

@@ -97,6 +97,9 @@ def parse_args(argv=None):
     a('--align-tau', type=float, default=0.25, help='EqGAN-SA truncation threshold tau (Eq. 4)')
     a('--align-truncation', default='paper', choices=['paper', 'official'],
       help="Eq. 4 truncation: 'paper' zeroes errors <= tau; 'official' averages only errors > tau (authors' code)")
+    a('--cam-weights', default='graph', choices=losses.CAM_WEIGHTS,
+      help="GradCAM weights in Eq. 4: 'graph' differentiates through them (double backward); 'detached' "
+           "treats them as constants (authors' code, cheaper)")
     a('--align-interval', type=int, default=1,
       help='EqGAN-SA: alignment loss every N G steps with weight x N (lazy, like R1; 1 = every step, the paper)')
     a('--no-align', action='store_true', help='SEL without the GradCAM alignment loss (Table 1: "+SEL")')
@@ -371,7 +374,8 @@ def train(args, rank, world, device):
             loss = losses.g_loss(kind, fake_logits, real_logits, args.g_form)
         record('G/loss', loss)
         if align_now:  # EqGAN-SA Eq. 4
-            l_align = losses.align_loss(fake_logits, maps, lat['heatmaps'], args.align_tau, args.align_truncation)
+            l_align = losses.align_loss(fake_logits, maps, lat['heatmaps'], args.align_tau, args.align_truncation,
+                                        args.cam_weights)
             record('G/align', l_align)
             loss = loss + args.align_weight * args.align_interval * l_align
         phase_step(G, opt_G, scaler_G, loss)
