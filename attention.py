@@ -88,16 +88,31 @@ def softmax(x, dim):
 # and each one's gradients are the others (see backward), so R1 / path length (double backward) work.
 # A loop over the s*s offsets accumulating in place: plain autograd over sliced views would allocate
 # and zero a padded-input-sized gradient buffer per offset (measured 1.5x slower on the CPU), and
-# unfolding v would store s*s copies of it. Sums run in fp32 under bf16 autocast.
+# unfolding v would store s*s copies of it. Sums run in fp32 under bf16 autocast. Each offset is one
+# pass over memory, so on the CPU the groups are processed in blocks of about BLOCK elements of v,
+# small enough that v, the output and an offset's weights stay in cache across the s*s passes
+# (2-core EPYC, 32 MB L3; agg + agg_t + corr at [16, 512, 32, 32]: 817 -> 321 ms, at [16, 128, 32, 32]:
+# 94 -> 77 ms). GPUs take one block: more, smaller kernels would only add launches there.
+
+BLOCK = 1 << 20
+
+
+def _blocks(x):
+    """Slices of the group dim of x [B, share, G, H, W], about BLOCK elements each on the CPU."""
+    G = x.shape[2]
+    n = min(G, -(-x.numel() // BLOCK)) if x.device.type == 'cpu' else 1
+    step = -(-G // n)
+    return [slice(i, i + step) for i in range(0, G, step)]
 
 
 def _agg(v, w, s):
     B, S, G, H, W = v.shape
-    vp = F.pad(v, [s // 2] * 4)
     out = torch.zeros(B, S, G, H, W, dtype=torch.promote_types(v.dtype, torch.float32), device=v.device)
-    for k in range(s * s):
-        m, n = divmod(k, s)
-        out.addcmul_(vp[..., m:m + H, n:n + W], w[:, None, :, k])
+    for gs in _blocks(v):
+        o, vb, wb = out[:, :, gs], F.pad(v[:, :, gs], [s // 2] * 4), w[:, None, gs]
+        for k in range(s * s):
+            m, n = divmod(k, s)
+            o.addcmul_(vb[..., m:m + H, n:n + W], wb[:, :, :, k])
     return out.to(v.dtype)
 
 
@@ -106,21 +121,24 @@ def _agg_t(g, w, s):
     p = s // 2
     out = torch.zeros(B, S, G, H + 2 * p, W + 2 * p, dtype=torch.promote_types(g.dtype, torch.float32),
                       device=g.device)
-    for k in range(s * s):
-        m, n = divmod(k, s)
-        out[..., m:m + H, n:n + W].addcmul_(g, w[:, None, :, k])
+    for gs in _blocks(g):
+        o, gb, wb = out[:, :, gs], g[:, :, gs], w[:, None, gs]
+        for k in range(s * s):
+            m, n = divmod(k, s)
+            o[..., m:m + H, n:n + W].addcmul_(gb, wb[:, :, :, k])
     return out[..., p:p + H, p:p + W].to(g.dtype)
 
 
 def _corr(v, g, s):
     B, S, G, H, W = v.shape
-    vp = F.pad(v, [s // 2] * 4)
     acc = torch.promote_types(v.dtype, torch.float32)
     out = torch.empty(s * s, B, G, H, W, dtype=acc, device=v.device)
-    prod = torch.empty(B, S, G, H, W, dtype=acc, device=v.device)  # reused: a fresh buffer per offset is slow
-    for k in range(s * s):
-        m, n = divmod(k, s)
-        torch.sum(torch.mul(vp[..., m:m + H, n:n + W], g, out=prod), 1, out=out[k])
+    for gs in _blocks(v):
+        vb, gb = F.pad(v[:, :, gs], [s // 2] * 4), g[:, :, gs]
+        prod = torch.empty(gb.shape, dtype=acc, device=v.device)  # reused: a fresh buffer per offset is slow
+        for k in range(s * s):
+            m, n = divmod(k, s)
+            torch.sum(torch.mul(vb[..., m:m + H, n:n + W], gb, out=prod), 1, out=out[k, :, gs])
     return out.movedim(0, 2).to(v.dtype)
 
 

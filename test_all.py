@@ -371,10 +371,12 @@ def test_attention_san_matches_naive_loop(kw, hw):
     assert (y - x).abs().max() > 1e-2  # the attention branch is not zero at init (residual + attention)
 
 
-def test_attention_san_aggregation_gradients_of_any_order():
+@pytest.mark.parametrize('block', [1 << 20, 50])  # 50: the CPU's cache blocks split the groups in two
+def test_attention_san_aggregation_gradients_of_any_order(block, monkeypatch):
     # Eq. 2.6 has hand-written gradients (three bilinear ops that differentiate into each other):
     # check them against finite differences (gradcheck) and second order (gradgradcheck, as R1 and
     # path length need), and against plain autograd through an unfold of the padded values.
+    monkeypatch.setattr(attention, 'BLOCK', block)
     s, G = 3, 2
     v = torch.randn(2, 6, 4, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, G, s * s, 4, 5, dtype=torch.float64, requires_grad=True)
