@@ -132,14 +132,14 @@ def _agg_t(g, w, s):
 def _corr(v, g, s):
     B, S, G, H, W = v.shape
     acc = torch.promote_types(v.dtype, torch.float32)
-    out = torch.empty(s * s, B, G, H, W, dtype=acc, device=v.device)
+    out = torch.empty(B, G, s * s, H, W, dtype=acc, device=v.device)  # contiguous, as fc2's output
     for gs in _blocks(v):
         vb, gb = F.pad(v[:, :, gs], [s // 2] * 4), g[:, :, gs]
         prod = torch.empty(gb.shape, dtype=acc, device=v.device)  # reused: a fresh buffer per offset is slow
         for k in range(s * s):
             m, n = divmod(k, s)
-            torch.sum(torch.mul(vb[..., m:m + H, n:n + W], gb, out=prod), 1, out=out[k, :, gs])
-    return out.movedim(0, 2).to(v.dtype)
+            torch.sum(torch.mul(vb[..., m:m + H, n:n + W], gb, out=prod), 1, out=out[:, gs, k])
+    return out.to(v.dtype)
 
 
 class _Aggregation(torch.autograd.Function):
