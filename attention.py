@@ -138,7 +138,7 @@ def _corr(v, g, s):
         prod = torch.empty(gb.shape, dtype=acc, device=v.device)  # reused: a fresh buffer per offset is slow
         for k in range(s * s):
             m, n = divmod(k, s)
-            torch.sum(torch.mul(vb[..., m:m + H, n:n + W], gb, out=prod), 1, out=out[:, gs, k])
+            out[:, gs, k] = torch.mul(vb[..., m:m + H, n:n + W], gb, out=prod).sum(1)
     return out.to(v.dtype)
 
 
