@@ -428,16 +428,17 @@ class Discriminator(nn.Module):
     def forward(self, img, ref=None, return_features=False, return_maps=False):
         """img [B, 3, R, R] (and ref, the same shape, when needs_ref) -> logits [B]
         (+ last-layer features [B, C]) (+ {res: block output} for GradCAM, when asked)."""
+        B = img.shape[0]
         if self.needs_ref:
-            if ref is None:
-                raise ValueError('this D has reference-attention: call D(img, ref) with a batch of real references')
-            img = torch.cat([img, ref])  # Siamese: one pass of the shared layers for both
-        B = img.shape[0] // (2 if self.needs_ref else 1)
+            if ref is None or B % ref.shape[0]:
+                raise ValueError('this D has reference-attention: call D(img, ref) with a batch of real references '
+                                 '(img may hold several batches that share them: [fakes; reals])')
+            img = torch.cat([img, ref])  # Siamese: one pass of the shared layers for all
         x, maps = None, {}
         for res in self.res_list:
             block = getattr(self, f'b{res}')
-            if self.needs_ref and res == self.attn_res:
-                x = block(x[:B], ref=x[B:])  # Eq. 2.8: the streams fuse here
+            if self.needs_ref and res == self.attn_res:  # Eq. 2.8: the streams fuse here
+                x = block(x[:B], ref=x[B:].repeat(B // (x.shape[0] - B), 1, 1, 1))
             else:
                 x = block(x, img)
             maps[res // 2] = x

@@ -565,6 +565,14 @@ def test_reference_attention_discriminator_is_siamese():
     ref_ = ref.clone().requires_grad_(True)
     D(img, ref_).sum().backward()
     assert ref_.grad.abs().sum() > 0  # gradients reach the reference image too
+    # [fakes; reals] sharing one batch of references (train.py's D step) == two calls, values and gradients
+    img2 = torch.rand(4, 3, 16, 16) * 2 - 1
+    joint, apart = D(torch.cat([img, img2]), ref), torch.cat([D(img, ref), D(img2, ref)])
+    assert torch.allclose(joint, apart, atol=1e-6)
+    for a, b in zip(*(torch.autograd.grad(y.square().sum(), list(D.parameters())) for y in (joint, apart))):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match='reference'):
+        D(img[:3], ref[:2])
 
 
 def test_attention_training_steps(tmp_path):

@@ -395,8 +395,10 @@ def train(args, rank, world, device):
         with amp:
             with torch.no_grad():
                 fake = G_main(**lat)
-            fake_logits = D_main(fake, ref)
-            real_logits = D_main(real, ref)
+            if D.needs_ref and b % args.mbstd_group == 0:  # one pass of the references for both (same mbstd groups)
+                fake_logits, real_logits = D_main(torch.cat([fake, real]), ref).chunk(2)
+            else:
+                fake_logits, real_logits = D_main(fake, ref), D_main(real, ref)
             loss = losses.d_loss(kind, real_logits, fake_logits)
         if kind == 'wgan':
             gp = losses.wgan_gp(D, real, fake, ref, mine(torch.rand([B, 1, 1, 1], generator=gen, device=device))).mean()
