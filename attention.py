@@ -85,7 +85,8 @@ def softmax(x, dim):
 #   agg_t(g, w) = sum_k shift_k^T(g * w_k)                -> v's shape   (d agg / d v, transposed)
 #   corr(v, g)  = [sum_share shift_k(v) * g]_k            -> w's shape   (d agg / d w, transposed)
 # shift_k(v)(i, j) = v(i + m - s//2, j + n - s//2), zero outside, k = m s + n. The three are bilinear
-# and each one's gradients are the others (see backward), so R1 / path length (double backward) work.
+# and each one's gradients are the others (the *_backward functions below), so R1 / path length
+# (double backward) work.
 # A loop over the s*s offsets accumulating in place: plain autograd over sliced views would allocate
 # and zero a padded-input-sized gradient buffer per offset (measured 1.5x slower on the CPU), and
 # unfolding v would store s*s copies of it. Sums run in fp32 under bf16 autocast. Each offset is one
@@ -142,26 +143,58 @@ def _corr(v, g, s):
     return out.to(v.dtype)
 
 
-class _Aggregation(torch.autograd.Function):
-    """apply(kind, a, b, s): agg(v, w), agg_t(g, w) or corr(v, g) for patch size s."""
+# The three as custom ops: torch.compile keeps them opaque and runs these loops as they are (traced,
+# inductor's CPU code for them was 3.5x slower than eager); each one's gradients are the others.
+Tensor = torch.Tensor
 
-    @staticmethod
-    def forward(ctx, kind, a, b, s):
-        ctx.kind, ctx.s = kind, s
-        ctx.save_for_backward(a, b)
-        return {'agg': _agg, 'agg_t': _agg_t, 'corr': _corr}[kind](a, b, s)
 
-    @staticmethod
-    def backward(ctx, h):
-        a, b = ctx.saved_tensors
-        op, s, kind = _Aggregation.apply, ctx.s, ctx.kind
-        if kind == 'agg':      # a = v, b = w
-            grads = (lambda: op('agg_t', h, b, s), lambda: op('corr', a, h, s))
-        elif kind == 'agg_t':  # a = g, b = w
-            grads = (lambda: op('agg', h, b, s), lambda: op('corr', h, a, s))
-        else:                  # corr: a = v, b = g; h has w's shape
-            grads = (lambda: op('agg_t', b, h, s), lambda: op('agg', a, h, s))
-        return (None, *(f() if need else None for f, need in zip(grads, ctx.needs_input_grad[1:3])), None)
+@torch.library.custom_op('dca_san::agg', mutates_args=())
+def agg(v: Tensor, w: Tensor, s: int) -> Tensor:
+    return _agg(v, w, s)
+
+
+@torch.library.custom_op('dca_san::agg_t', mutates_args=())
+def agg_t(g: Tensor, w: Tensor, s: int) -> Tensor:
+    return _agg_t(g, w, s).contiguous()
+
+
+@torch.library.custom_op('dca_san::corr', mutates_args=())
+def corr(v: Tensor, g: Tensor, s: int) -> Tensor:
+    return _corr(v, g, s)
+
+
+agg.register_fake(lambda v, w, s: v.new_empty(v.shape))
+agg_t.register_fake(lambda g, w, s: g.new_empty(g.shape))
+corr.register_fake(lambda v, g, s: v.new_empty(v.shape[0], v.shape[2], s * s, *v.shape[3:]))
+
+
+def _setup(ctx, inputs, output):
+    a, b, ctx.s = inputs
+    ctx.save_for_backward(a, b)
+
+
+def _needed(ctx, grad_a, grad_b):  # compute only the gradients autograd asks for
+    return (*(f() if need else None for f, need in zip((grad_a, grad_b), ctx.needs_input_grad)), None)
+
+
+def _agg_backward(ctx, h):  # agg(v, w): dv = agg_t(h, w), dw = corr(v, h)
+    v, w = ctx.saved_tensors
+    return _needed(ctx, lambda: agg_t(h, w, ctx.s), lambda: corr(v, h, ctx.s))
+
+
+def _agg_t_backward(ctx, h):  # agg_t(g, w): dg = agg(h, w), dw = corr(h, g)
+    g, w = ctx.saved_tensors
+    return _needed(ctx, lambda: agg(h, w, ctx.s), lambda: corr(h, g, ctx.s))
+
+
+def _corr_backward(ctx, h):  # corr(v, g), h shaped like w: dv = agg_t(g, h), dg = agg(v, h)
+    v, g = ctx.saved_tensors
+    return _needed(ctx, lambda: agg_t(g, h, ctx.s), lambda: agg(v, h, ctx.s))
+
+
+agg.register_autograd(_agg_backward, setup_context=_setup)
+agg_t.register_autograd(_agg_t_backward, setup_context=_setup)
+corr.register_autograd(_corr_backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------
@@ -209,7 +242,7 @@ class SAN(nn.Module):
         """Eq. 2.6: o(i, j) = sum_{m,n} w(m, n) v(i + m - s//2, j + n - s//2), zero padded at the
         borders (a position near the edge sees zeros, as in SAN's zero-pad aggregation kernel)."""
         B, C, H, W = v.shape
-        out = _Aggregation.apply('agg', v.reshape(B, C // self.groups, self.groups, H, W), w, self.patch)
+        out = agg(v.reshape(B, C // self.groups, self.groups, H, W), w, self.patch)
         return out.reshape(B, C, H, W)
 
     def forward(self, x, return_weights=False):

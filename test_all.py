@@ -397,6 +397,9 @@ def test_attention_san_aggregation_gradients_of_any_order(block, monkeypatch):
         results.append((out, gv, gw, hv, hw))
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-10)
+    vs, g = v.detach().view(2, 3, G, 4, 5), torch.randn(2, 3, G, 4, 5, dtype=torch.float64)
+    for op, args in ((attention.agg, (vs, w, s)), (attention.agg_t, (g, w, s)), (attention.corr, (vs, g, s))):
+        torch.library.opcheck(op, args)  # the custom ops' shapes, strides and autograd as torch.compile sees them
 
 
 @pytest.mark.parametrize('eq,srcs', [(8, 'rrp'), (1, 'prr'), (2, 'prp')])
