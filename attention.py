@@ -145,22 +145,23 @@ def _corr(v, g, s):
 
 # The three as custom ops: torch.compile keeps them opaque and runs these loops as they are (traced,
 # inductor's CPU code for them was 3.5x slower than eager); each one's gradients are the others.
+# Inputs are made contiguous once: channels_last ones would be read with a stride of C in each pass.
 Tensor = torch.Tensor
 
 
 @torch.library.custom_op('dca_san::agg', mutates_args=())
 def agg(v: Tensor, w: Tensor, s: int) -> Tensor:
-    return _agg(v, w, s)
+    return _agg(v.contiguous(), w.contiguous(), s)
 
 
 @torch.library.custom_op('dca_san::agg_t', mutates_args=())
 def agg_t(g: Tensor, w: Tensor, s: int) -> Tensor:
-    return _agg_t(g, w, s).contiguous()
+    return _agg_t(g.contiguous(), w.contiguous(), s).contiguous()
 
 
 @torch.library.custom_op('dca_san::corr', mutates_args=())
 def corr(v: Tensor, g: Tensor, s: int) -> Tensor:
-    return _corr(v, g, s)
+    return _corr(v.contiguous(), g.contiguous(), s)
 
 
 agg.register_fake(lambda v, w, s: v.new_empty(v.shape))
@@ -235,7 +236,7 @@ class SAN(nn.Module):
         v = lrelu(self.value(v_src))                               # [B, C, H, W]
         w_hat = lrelu(self.fc1_k(k) + self.fc1_q(q))               # Eq. 2.5  [B, D, H, W]
         w = self.fc2(w_hat).reshape(B, self.groups, self.patch ** 2, H, W)  # Eq. 2.5-2.6  [B, G, s*s, H, W]
-        out = self.aggregate(v, w) + res                           # Eq. 2.7 (Eq. 2.8 with res = T_pri)
+        out = res + self.aggregate(v, w)  # Eq. 2.7 (Eq. 2.8 with res = T_pri); res first: its memory format
         return (out, w) if return_weights else out
 
     def aggregate(self, v, w):

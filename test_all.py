@@ -509,6 +509,7 @@ def test_attention_autocast_bf16_and_channels_last(kind):
     xc = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     yc = _attn_run(m, xc, ref.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(yc, y, atol=1e-5)
+    assert yc.is_contiguous(memory_format=torch.channels_last)  # the next layers stay channels_last
     yc.sum().backward()
     with torch.autocast('cpu', dtype=torch.bfloat16):
         yb = _attn_run(m, xc, ref)
