@@ -146,21 +146,18 @@ def _corr(v, g, s):
 # The three as custom ops: torch.compile keeps them opaque and runs these loops as they are (traced,
 # inductor's CPU code for them was 3.5x slower than eager); each one's gradients are the others.
 # Inputs are made contiguous once: channels_last ones would be read with a stride of C in each pass.
-Tensor = torch.Tensor
-
-
 @torch.library.custom_op('dca_san::agg', mutates_args=())
-def agg(v: Tensor, w: Tensor, s: int) -> Tensor:
+def agg(v: torch.Tensor, w: torch.Tensor, s: int) -> torch.Tensor:
     return _agg(v.contiguous(), w.contiguous(), s)
 
 
 @torch.library.custom_op('dca_san::agg_t', mutates_args=())
-def agg_t(g: Tensor, w: Tensor, s: int) -> Tensor:
+def agg_t(g: torch.Tensor, w: torch.Tensor, s: int) -> torch.Tensor:
     return _agg_t(g.contiguous(), w.contiguous(), s).contiguous()
 
 
 @torch.library.custom_op('dca_san::corr', mutates_args=())
-def corr(v: Tensor, g: Tensor, s: int) -> Tensor:
+def corr(v: torch.Tensor, g: torch.Tensor, s: int) -> torch.Tensor:
     return _corr(v.contiguous(), g.contiguous(), s)
 
 
@@ -236,7 +233,7 @@ class SAN(nn.Module):
         v = lrelu(self.value(v_src))                               # [B, C, H, W]
         w_hat = lrelu(self.fc1_k(k) + self.fc1_q(q))               # Eq. 2.5  [B, D, H, W]
         w = self.fc2(w_hat).reshape(B, self.groups, self.patch ** 2, H, W)  # Eq. 2.5-2.6  [B, G, s*s, H, W]
-        out = res + self.aggregate(v, w)  # Eq. 2.7 (Eq. 2.8 with res = T_pri); res first: its memory format
+        out = res + self.aggregate(v, w)  # Eq. 2.7 (2.8: res = T_pri); res first: out keeps its layout
         return (out, w) if return_weights else out
 
     def aggregate(self, v, w):

@@ -426,7 +426,8 @@ class Discriminator(nn.Module):
         self.b4 = DiscriminatorEpilogue(ch[4], mbstd_group, conv_clamp)
 
     def forward(self, img, ref=None, return_features=False, return_maps=False):
-        """img [B, 3, R, R] (and ref, the same shape, when needs_ref) -> logits [B]
+        """img [B, 3, R, R] (and ref [B / n, 3, R, R] when needs_ref: n batches of primaries, e.g.
+        [fakes; reals], may share one batch of references) -> logits [B]
         (+ last-layer features [B, C]) (+ {res: block output} for GradCAM, when asked)."""
         B = img.shape[0]
         if self.needs_ref:
