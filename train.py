@@ -366,7 +366,7 @@ def train(args, rank, world, device):
         align_now = align and step % args.align_interval == 0
         with amp:
             fake = G_main(**lat, update_w_avg=True)
-            if align_now:  # one D pass for both losses; GradCAM's double backward needs the eager D
+            if align_now:  # one D pass for both losses; the eager D: GradCAM's double backward (graph)
                 fake_logits, maps = D(fake, ref, return_maps=True)
             else:
                 fake_logits = D_main(fake, ref)
