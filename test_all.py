@@ -1634,6 +1634,20 @@ def test_d_steps_reduce_d_loss_on_fixed_batch():
     assert loss.item() < 0.5 * first
 
 
+def test_phase_step_zeroes_nonfinite_grads_but_leaves_overflow_to_the_fp16_scaler():
+    lin = nn.Linear(3, 1, bias=False)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    w0 = lin.weight.detach().clone()
+    bad = torch.tensor([math.inf, 1.0, 2.0])
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 16, enabled=True)  # fp16 loss scaling
+    train.phase_step(lin, opt, scaler, (lin.weight * bad).sum(), world=1)
+    assert torch.equal(lin.weight, w0) and scaler.get_scale() == 2.0 ** 15  # step skipped, scale halved
+    opt.zero_grad(set_to_none=True)
+    off = torch.amp.GradScaler('cpu', enabled=False)  # fp32 / bf16: like the official code
+    train.phase_step(lin, opt, off, (lin.weight * bad).sum(), world=1)
+    assert torch.allclose(lin.weight, w0 - 0.5 * torch.tensor([[1e5, 1.0, 2.0]]), rtol=0, atol=1e-2)
+
+
 def test_training_writes_logs_grids_and_checkpoints(tmp_path):
     out = run_train(tmp_path, '--kimg', '0.032', '--snap-kimg', '0.016', '--keep', '1', '--pl-weight', '2',
                     '--pl-interval', '2', '--r1-interval', '2', '--gamma', '1')

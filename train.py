@@ -163,19 +163,25 @@ def init_distributed(device_flag):
     return dist.get_rank(), dist.get_world_size(), torch.device(f'cuda:{local}' if cuda else 'cpu')
 
 
-def sync_grads(module, world):
-    """Average gradients over processes (one flat all_reduce), and zero non-finite entries like the
-    official code. Manual instead of DDP wrappers: every flag combination works, unused parameters
-    included (e.g. D's layers that a phase does not reach)."""
-    params = [p for p in module.parameters() if p.requires_grad]
+def phase_step(net, opt, scaler, loss, world):
+    """Backward, average gradients over processes (one flat all_reduce), optimizer step. Manual
+    instead of DDP wrappers: every flag combination works, unused parameters included (e.g. D's
+    layers that a phase does not reach). Non-finite gradient entries are zeroed like the official
+    code, except under fp16 loss scaling: there an inf is the overflow the scaler must see to skip
+    the step and lower its scale (the all_reduce spreads it, so every process skips)."""
+    scaler.scale(loss).backward()
+    params = [p for p in net.parameters() if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.flatten() for g in grads])
     if world > 1:
         dist.all_reduce(flat)
         flat /= world
-    flat = flat.nan_to_num(nan=0, posinf=1e5, neginf=-1e5)
+    if not scaler.is_enabled():
+        flat = flat.nan_to_num(nan=0, posinf=1e5, neginf=-1e5)
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad = g.view_as(p)
+    scaler.step(opt)
+    scaler.update()
 
 
 def print0(*a, rank=0, **k):
@@ -336,12 +342,6 @@ def train(args, rank, world, device):
         s = stats.setdefault(name, [0, 0])
         s[0], s[1] = s[0] + value.detach().float(), s[1] + 1
 
-    def phase_step(net, opt, scaler, loss):
-        scaler.scale(loss).backward()
-        sync_grads(net, world)
-        scaler.step(opt)
-        scaler.update()
-
     def train_step(step, real_u8, ref_u8):
         gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
         real = to_float(real_u8)
@@ -378,7 +378,7 @@ def train(args, rank, world, device):
                                         args.cam_weights)
             record('G/align', l_align)
             loss = loss + args.align_weight * args.align_interval * l_align
-        phase_step(G, opt_G, scaler_G, loss)
+        phase_step(G, opt_G, scaler_G, loss, world)
 
         # Greg: path length on half the batch, every pl_interval steps, weight x interval
         if args.pl_weight > 0 and step % args.pl_interval == 0:
@@ -387,7 +387,7 @@ def train(args, rank, world, device):
             img, ws = G(**latents(gen, half), return_ws=True)
             pl = losses.path_length_penalty(img, ws, pl_mean, noise=draw(gen, 3, *img.shape[2:], total=half)).mean()
             record('G/pl', pl)
-            phase_step(G, opt_G, scaler_G, pl * args.pl_weight * args.pl_interval)
+            phase_step(G, opt_G, scaler_G, pl * args.pl_weight * args.pl_interval, world)
 
         # Dmain
         begin('Dmain', D, opt_D)
@@ -411,7 +411,7 @@ def train(args, rank, world, device):
         r_min, f_max = real_logits.detach().min().float(), fake_logits.detach().max().float()
         extremes['D/real_min'] = torch.minimum(extremes.get('D/real_min', r_min), r_min)
         extremes['D/fake_max'] = torch.maximum(extremes.get('D/fake_max', f_max), f_max)
-        phase_step(D, opt_D, scaler_D, loss)
+        phase_step(D, opt_D, scaler_D, loss, world)
 
         # Dreg: R1 every r1_interval steps, weight gamma / 2 x interval
         if args.gamma > 0 and step % args.r1_interval == 0:
@@ -419,7 +419,7 @@ def train(args, rank, world, device):
             real_ = real.detach().requires_grad_(True)
             r1 = losses.r1_penalty(real_, D(real_, ref)).mean()
             record('D/r1', r1)
-            phase_step(D, opt_D, scaler_D, r1 * (args.gamma / 2) * args.r1_interval)
+            phase_step(D, opt_D, scaler_D, r1 * (args.gamma / 2) * args.r1_interval, world)
 
         # G EMA: half-life ema_kimg, ramped up to rampup * images seen
         tic('ema')
