@@ -112,15 +112,22 @@ def modulated_conv2d(x, weight, styles, demodulate=True, up=1, f=None, fused=Fal
     O, _, k, _ = weight.shape
     w = weight.to(x.dtype)
     styles = styles.to(x.dtype)
-    if demodulate:  # Eq. 3: sigma_j = sqrt(sum_{i,k} (s_i w_ijk)^2); via [B, I] @ [I, O]
-        dcoefs = (styles.square() @ w.square().sum([2, 3]).t() + 1e-8).rsqrt()  # [B, O]
+    dev = x.device.type
+    if demodulate and (x.dtype == torch.float16 or torch.is_autocast_enabled(dev) and
+                       torch.get_autocast_dtype(dev) == torch.float16):
+        # fp16 (the official code): bound weights and styles against overflow; demodulation undoes it
+        w = w * (1 / math.sqrt(I * k * k) / w.norm(float('inf'), dim=[1, 2, 3], keepdim=True))
+        styles = styles / styles.norm(float('inf'), dim=1, keepdim=True)
+    if demodulate:  # Eq. 3: sigma_j = sqrt(sum_{i,k} (s_i w_ijk)^2); via [B, I] @ [I, O], in fp32
+        with torch.autocast(dev, enabled=False):
+            dcoefs = (styles.float().square() @ w.float().square().sum([2, 3]).t() + 1e-8).rsqrt()  # [B, O]
     if not fused:
         x = x * styles.view(B, I, 1, 1)
         x = conv2d_resample(x, w, f, up=up)
-        return x * dcoefs.view(B, O, 1, 1) if demodulate else x
+        return x * dcoefs.to(x.dtype).view(B, O, 1, 1) if demodulate else x
     w = w.unsqueeze(0) * styles.view(B, 1, I, 1, 1)  # [B, O, I, k, k]
     if demodulate:
-        w = w * dcoefs.view(B, O, 1, 1, 1)
+        w = w * dcoefs.to(w.dtype).view(B, O, 1, 1, 1)
     x = conv2d_resample(x.reshape(1, B * I, *x.shape[2:]), w.reshape(B * O, I, k, k), f, up=up, groups=B)
     return x.reshape(B, O, *x.shape[2:])
 
@@ -283,7 +290,7 @@ def channels_per_res(channel_base, channel_max, resolution):
 
 
 class Generator(nn.Module):
-    """StyleGAN2 skip generator. G(z) samples images; G.mapping / G.synthesis expose the two halves."""
+    """StyleGAN2 skip generator. G(z) samples images; G.map / G.synthesize are the two halves."""
 
     def __init__(self, resolution, z_dim=512, w_dim=512, channel_base=16384, channel_max=512, map_layers=8,
                  conv_clamp=None, g_attn='none', g_attn_res=32, sel='none', heatmap='hier'):
@@ -291,10 +298,10 @@ class Generator(nn.Module):
         log2 = math.log2(resolution)
         if resolution < 8 or log2 != int(log2):
             raise ValueError(f'resolution {resolution} is not a power of two >= 8; use e.g. 32, 64 or 256')
-        if g_attn != 'none' and not (8 <= g_attn_res <= resolution):
-            raise ValueError(f'--g-attn-res {g_attn_res} is not a G resolution; use a power of two in [8, {resolution}]')
         self.z_dim, self.w_dim, self.img_resolution = z_dim, w_dim, resolution
         ch = channels_per_res(channel_base, channel_max, resolution)
+        if g_attn != 'none' and not (g_attn_res >= 8 and g_attn_res in ch):
+            raise ValueError(f'--g-attn-res {g_attn_res} is not a G resolution; use a power of two in [8, {resolution}]')
         self.spatial = make_spatial_encoding(sel, heatmap, resolution, ch)  # None without EqGAN-SA
         self.synthesis = nn.Module()
         self.res_list = sorted(ch)
@@ -369,7 +376,7 @@ class DiscriminatorBlock(nn.Module):
         self.skip = Conv(tmp, cout, 1, act=False, bias=False, down=2)
 
     def forward(self, x, img=None, ref=None):
-        if self.first:
+        if x is None:
             x = self.fromrgb(img)
         y = self.skip(x, gain=math.sqrt(0.5))
         x = self.conv0(x, ref=ref)
@@ -413,10 +420,10 @@ class Discriminator(nn.Module):
     def __init__(self, resolution, channel_base=16384, channel_max=512, mbstd_group=4, conv_clamp=None,
                  d_attn='none', d_attn_res=8, ref_attn_eq=8):
         super().__init__()
-        if d_attn != 'none' and not (8 <= d_attn_res <= resolution):
-            raise ValueError(f'--d-attn-res {d_attn_res} is not a D resolution; use a power of two in [8, {resolution}]')
         ch = channels_per_res(channel_base, channel_max, resolution)
         self.res_list = sorted((r for r in ch if r >= 8), reverse=True)
+        if d_attn != 'none' and d_attn_res not in self.res_list:
+            raise ValueError(f'--d-attn-res {d_attn_res} is not a D resolution; use a power of two in [8, {resolution}]')
         self.needs_ref, self.attn_res = d_attn == 'ref', d_attn_res
         for res in self.res_list:
             attn = {'none': None, 'self': 'self', 'ref': 'ref'}[d_attn] if res == d_attn_res else None
@@ -439,6 +446,7 @@ class Discriminator(nn.Module):
         for res in self.res_list:
             block = getattr(self, f'b{res}')
             if self.needs_ref and res == self.attn_res:  # Eq. 2.8: the streams fuse here
+                x = block.fromrgb(img) if x is None else x  # (here: at the top resolution)
                 x = block(x[:B], ref=x[B:].repeat(B // (x.shape[0] - B), 1, 1, 1))
             else:
                 x = block(x, img)

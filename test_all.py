@@ -132,6 +132,19 @@ def test_modulated_conv_matches_per_sample_reference(up, fused, demodulate):
     assert torch.allclose(y, ref, atol=1e-4), (y - ref).abs().max()
 
 
+@pytest.mark.parametrize('fused', [False, True])
+def test_modulated_conv_under_fp16_autocast_does_not_overflow(fused):
+    """sum (s w)^2 = 64 * 9 * 16^2 ~ 150k > fp16's 65504: the demodulation must not be computed in
+    fp16 (it gave rsqrt(inf) = 0, an all-zero layer); the official fp16 pre-normalisation keeps the
+    conv's own sums in range. CPU autocast stands in for the GPU's."""
+    torch.manual_seed(0)
+    x, weight, styles = torch.randn(2, 64, 6, 6), torch.randn(8, 64, 3, 3), 16 + torch.randn(2, 64)
+    ref = reference_modconv(x, weight, styles, True, 1)
+    with torch.autocast('cpu', dtype=torch.float16):
+        y = model.modulated_conv2d(x, weight, styles, fused=fused)
+    assert y.dtype == torch.float16 and torch.allclose(y.float(), ref, atol=2e-2), (y.float() - ref).abs().max()
+
+
 def test_demodulation_gives_unit_variance():
     torch.manual_seed(0)
     x = torch.randn(4, 64, 32, 32)
@@ -553,12 +566,13 @@ def test_attention_every_combination_forward_backward(g_attn, d_attn):
         assert isinstance(layer.attn, torch.nn.Module) and not hasattr(layer, 'weight') and not hasattr(layer, 'affine')
 
 
-def test_reference_attention_discriminator_is_siamese():
-    _, D = tiny(d_attn='ref')
-    _, D_self = tiny(d_attn='self')
+@pytest.mark.parametrize('res', [8, 16])  # 16: the fusion in the first block (fromrgb of both streams)
+def test_reference_attention_discriminator_is_siamese(res):
+    _, D = tiny(d_attn='ref', d_attn_res=res)
+    _, D_self = tiny(d_attn='self', d_attn_res=res)
     n = lambda m: sum(p.numel() for p in m.parameters())
     assert n(D) == n(D_self)  # the reference branch adds no parameters: shared (Siamese) layers
-    assert isinstance(D.b8.conv0.attn, attention.RefAttention)
+    assert isinstance(getattr(D, f'b{res}').conv0.attn, attention.RefAttention)
     torch.manual_seed(0)
     img, ref, ref2 = (torch.rand(4, 3, 16, 16) * 2 - 1 for _ in range(3))
     with pytest.raises(ValueError, match='reference'):
@@ -1719,6 +1733,8 @@ def test_bad_flags_and_checkpoints_give_one_line_errors(tmp_path, capsys):
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--resolution', '48'], 'power of two')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--batch', '6'], '--mbstd-group')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--g-attn', 'san', '--g-attn-res', '64'], '--g-attn-res 64')
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--g-attn', 'san', '--g-attn-res', '12'], '--g-attn-res 12')
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--d-attn', 'ref', '--d-attn-res', '12'], '--d-attn-res 12')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--heatmap', 'noise'], '--sel')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--metrics', 'swd,fid50k3'], 'unknown metric')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--amp', 'fp16'], 'bf16')
