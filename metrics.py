@@ -216,8 +216,12 @@ def load_inception(weights=None, device='cpu'):
     if not os.path.isfile(path):
         raise MetricUnavailable(f'no FID Inception weights at {path}: download {FID_WEIGHTS_URL} and pass '
                                 f'--fid-weights PATH (or save it as {hub})')
-    state = {k: v for k, v in torch.load(path, map_location='cpu', weights_only=True).items()
-             if not k.endswith('num_batches_tracked')}  # BN counters, in some copies of the file: unused
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        state = {k: v for k, v in state.items() if not k.endswith('num_batches_tracked')}  # BN counters: unused
+    except Exception as e:  # truncated download, another format: one line, training goes on without FID
+        raise MetricUnavailable(f'{path} is not a readable state dict ({type(e).__name__}): download '
+                                f'{FID_WEIGHTS_URL} again') from None
     net = FIDInception()
     own = net.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
@@ -436,9 +440,9 @@ def perceptual_path_length(G, num, distance, batch=64, device='cpu', seed=0, eps
                            rank=0, world_size=1, log=print):
     def chunk(c):
         torch.manual_seed(_seed(seed, 5, c))
-        w0, w1 = G.mapping(torch.randn(2 * batch, G.z_dim, device=device), psi=1.0).chunk(2)  # [B, num_ws, w_dim]
         heatmaps = G.sample_heatmaps(batch, device)  # one layout for both end points (None without spatial encoding)
-        img0, img1 = (G.synthesis(w, noise_mode='const', heatmaps=heatmaps).float() for w in (w0, w0.lerp(w1, epsilon)))
+        w0, w1 = (G.map(z, psi=1.0, heatmaps=heatmaps) for z in torch.randn(2, batch, G.z_dim, device=device))
+        img0, img1 = (G.synthesize(w, noise_mode='const', heatmaps=heatmaps).float() for w in (w0, w0.lerp(w1, epsilon)))
         if crop:  # StyleGAN's FFHQ face crop
             s = img0.shape[2] // 8
             img0, img1 = img0[:, :, 3 * s:7 * s, 2 * s:6 * s], img1[:, :, 3 * s:7 * s, 2 * s:6 * s]
@@ -539,20 +543,21 @@ def _inception_once(weights, device, rank, world_size):
     return net
 
 
-def _autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+def _autocast(device, amp):  # G and D in the precision they trained in: fp32 unless --amp
+    return torch.autocast(device.type, dtype=torch.float16 if amp == 'fp16' else torch.bfloat16, enabled=amp != 'none')
 
 
 def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_gen=None, fid_weights=None,
-             cache_dir=None, protocol='stylegan2', seed=0, log=print):
+             cache_dir=None, protocol='stylegan2', seed=0, amp='none', log=print):
     """{metric name: float or dict} for names like fid50k_full, kid50k_full, pr50k3_full, ppl_wend, swd, di, fddf;
     the same on every rank. G: G_ema (G(z) -> [B, 3, H, W] in [-1, 1]); D: the plain (not DDP-wrapped) discriminator;
-    dataset: uint8 [3, H, W] items. num_gen overrides the counts in the names. Metrics that cannot run (no Inception
-    weights) are logged in one line and left out. The global RNG state is restored on return."""
+    dataset: uint8 [3, H, W] items. num_gen overrides the counts in the names. amp: 'none' (fp32), 'bf16' or 'fp16'
+    autocast of G and D (train.py passes its --amp). Metrics that cannot run (no Inception weights) are logged in
+    one line and left out. The global RNG state is restored on return."""
     device = torch.device(device)
     log = log if rank == 0 else (lambda *_: None)
     specs = {name: _parse(name, num_gen, len(dataset)) for name in names}
-    # Inception runs in full fp32 (no TF32), as the reference numbers; G and D under bf16 autocast on GPUs
+    # Inception runs in full fp32 (no TF32), as the reference numbers; G and D in fp32 unless amp says otherwise
     with torch.no_grad(), _no_tf32(), _fork_rng(device):
         inception = None
         if any(kind in _INCEPTION for kind, _, _ in specs.values()):
@@ -572,7 +577,7 @@ def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_g
                     g = torch.Generator().manual_seed(_seed(seed, stream, c))
                     idx = torch.randint(len(dataset), (batch,), generator=g).tolist()
                     ref = torch.stack([torch.as_tensor(dataset[i]) for i in idx]).to(device).float() / 127.5 - 1
-                with _autocast(device):
+                with _autocast(device, amp):
                     logits, feats = D(inp[0], ref=ref, return_features=True)
                 return torch.cat([logits.float()[:, None], feats.float().flatten(1)], 1).cpu()
             return fn
@@ -618,7 +623,7 @@ def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_g
         # Generated images: the same extractors on G(z), z and G's own noise/heatmaps seeded per chunk.
         def fakes(c):
             torch.manual_seed(_seed(seed, 0, c))
-            with _autocast(device):
+            with _autocast(device, amp):
                 x = G(torch.randn(batch, G.z_dim, device=device)).float()  # [B, 3, H, W] in [-1, 1]
             return x, (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
@@ -726,6 +731,7 @@ def main():
     p.add_argument('--cache-dir', default=os.path.expanduser('~/.cache/gan_metrics'),
                    help='where real-image Inception features are cached')
     p.add_argument('--seed', type=int, default=0, help='seed of the latents and of every random draw')
+    p.add_argument('--amp', choices=['none', 'bf16', 'fp16'], help="autocast of G and D (default: the checkpoint's --amp)")
     p.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda, mps')
     a = p.parse_args()
     if a.plot:
@@ -741,11 +747,15 @@ def main():
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     ckpt = model.load_checkpoint(a.ckpt, device)
     args = ckpt['args']
+    group, names = min(args['mbstd_group'], a.batch), a.metrics.split(',')
+    if a.batch % group and any(_SOURCE.get(_parse(n, None, 1)[0]) == 'd' for n in names):
+        p.error(f"--batch {a.batch} is not a multiple of this D's minibatch-std group {group} (di, fddf): use e.g. {16 * group}")
     dataset = data.make_dataset(a.data or args.get('data'), resolution=args['resolution'],
                                 max_images=a.max_images or (None if a.data else args.get('max_images')),
                                 seed=args.get('seed', 0))
-    results = evaluate(a.metrics.split(','), ckpt['G_ema'], ckpt['D'], dataset, device, rank, world_size, a.batch,
-                       a.num_gen, a.fid_weights, a.cache_dir, a.protocol, a.seed, log=lambda s: print(s, file=sys.stderr))
+    results = evaluate(names, ckpt['G_ema'], ckpt['D'], dataset, device, rank, world_size, a.batch,
+                       a.num_gen, a.fid_weights, a.cache_dir, a.protocol, a.seed, a.amp or args.get('amp', 'none'),
+                       log=lambda s: print(s, file=sys.stderr))
     if rank == 0:
         print(json.dumps(results))
     if world_size > 1:

@@ -1314,6 +1314,9 @@ def test_inception_loader_reports_bad_keys_in_one_line(tmp_path):
         metrics.load_inception(str(tmp_path / 'w.pth'))
     msg = str(e.value)
     assert '\n' not in msg and 'Mixed_6b.branch7x7_2.conv.weight' in msg and 'extra.weight' in msg
+    (tmp_path / 'cut.pth').write_bytes((tmp_path / 'w.pth').read_bytes()[:5000])  # a truncated download
+    with pytest.raises(metrics.MetricUnavailable, match='cut.pth is not a readable state dict'):
+        metrics.load_inception(str(tmp_path / 'cut.pth'))
 
 
 def test_no_weights_raises_one_line_without_downloading(tmp_path, monkeypatch):
@@ -1441,13 +1444,13 @@ def test_fddf_on_tiny_d():
 class LinearG(nn.Module):  # synthesis is linear in w: the PPL integrand is known in closed form
     z_dim, c = 64, 3.0
 
-    def mapping(self, z, psi=1.0):
+    def map(self, z, psi=1.0, heatmaps=None):
         return z[:, None]                                     # [B, 1, 64]
 
     def sample_heatmaps(self, batch, device):
         return torch.rand(batch, 1, 8, 8, device=device) * 10
 
-    def synthesis(self, ws, noise_mode='const', heatmaps=None):
+    def synthesize(self, ws, noise_mode='const', heatmaps=None):
         return self.c * ws[:, 0].view(-1, 1, 8, 8) + heatmaps  # shared heatmaps cancel in the difference
 
 
@@ -1457,6 +1460,14 @@ def test_ppl_closed_form_with_user_distance():
     ppl = metrics.perceptual_path_length(LinearG(), 512, sq, batch=64)  # E = c^2 E|z1 - z0|^2 = 2 c^2 d
     assert ppl == pytest.approx(2 * 9 * 64, rel=0.05) and torch.equal(torch.get_rng_state(), state)
 
+
+@pytest.mark.parametrize('sel', ['none', 'flatten'])  # flatten: the heatmaps enter the mapping too
+def test_ppl_runs_on_the_real_generator(sel):
+    G = tiny_g(sel).eval()
+    sq = lambda a, b: (a - b).square().flatten(1).sum(1)
+    a, b = (metrics.perceptual_path_length(G, 8, sq, batch=4) for _ in range(2))
+    assert a == b and 0 < a < float('inf')  # seeded per chunk, const noise
+
 # ---- evaluate(): end to end, cache, DDP ------------------------------------------------------
 
 
@@ -1465,20 +1476,20 @@ class TinyG(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.map, self.syn = nn.Linear(8, 8), nn.Linear(8, 3 * 16 * 16)
+        self.mapping, self.syn = nn.Linear(8, 8), nn.Linear(8, 3 * 16 * 16)
 
-    def mapping(self, z, psi=1.0):
-        return self.map(z)[:, None].repeat(1, 2, 1)           # [B, 2, 8]
+    def map(self, z, psi=1.0, heatmaps=None):
+        return self.mapping(z)[:, None].repeat(1, 2, 1)       # [B, 2, 8]
 
     def sample_heatmaps(self, batch, device):
         return torch.rand(batch, 1, 16, 16, device=device)
 
-    def synthesis(self, ws, noise_mode='const', heatmaps=None):
+    def synthesize(self, ws, noise_mode='const', heatmaps=None):
         x = self.syn(ws.mean(1)).view(-1, 3, 16, 16)
         return torch.tanh(x + heatmaps if heatmaps is not None else x)
 
     def forward(self, z):  # draws its own heatmaps and noise from the global RNG, like the real G
-        x = self.synthesis(self.mapping(z), heatmaps=self.sample_heatmaps(len(z), z.device))
+        x = self.synthesize(self.map(z), heatmaps=self.sample_heatmaps(len(z), z.device))
         return (x + 0.05 * torch.randn_like(x)).clamp(-1, 1)
 
 
@@ -1517,6 +1528,18 @@ def test_evaluate_swd_di_fddf_and_rng_restored():
     assert set(res['swd']) == {'16', 'avg'} and res['swd']['avg'] > 0
     assert math.isfinite(res['di']) and res['fddf'] > 0
     assert any(line.startswith('di: ') and '40 generated vs 40 real' in line for line in lines)
+
+
+def test_evaluate_runs_g_and_d_in_the_training_precision():
+    G, D = _met_nets()
+    seen = []
+    for net in (G.syn, D):  # G's synthesis layer, D's logits
+        net.register_forward_hook(lambda m, i, out: seen.append((type(m).__name__, out[0].dtype)))
+    for amp in ('none', 'bf16'):
+        metrics.evaluate(['di'], G, D, TinyData(16), 'cpu', batch=16, num_gen=16, amp=amp)
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert set(seen) == {('TinyD', f32), ('TinyD', bf16), ('Linear', f32), ('Linear', bf16)}
+    assert seen[0][1] == f32 and seen[-1][1] == bf16
 
 
 def test_evaluate_skips_inception_metrics_in_one_line(tmp_path, monkeypatch):
@@ -1572,7 +1595,7 @@ def test_cli_prints_one_json_line(monkeypatch, capsys):
         return TinyData()
 
     monkeypatch.setitem(sys.modules, 'model', types.SimpleNamespace(load_checkpoint=lambda path, device: dict(
-        G_ema=G, D=D, args=dict(data='from-ckpt', resolution=16, max_images=64, seed=3))))
+        G_ema=G, D=D, args=dict(data='from-ckpt', resolution=16, max_images=64, seed=3, mbstd_group=4))))
     monkeypatch.setitem(sys.modules, 'data', types.SimpleNamespace(make_dataset=make_dataset))
     argv = ['metrics.py', 'ckpt.pt', '--metrics', 'di,swd', '--num-gen', '40', '--batch', '16', '--device', 'cpu']
     monkeypatch.setattr(sys, 'argv', argv)
@@ -1583,6 +1606,10 @@ def test_cli_prints_one_json_line(monkeypatch, capsys):
     monkeypatch.setattr(sys, 'argv', argv + ['--max-images', '500'])  # a limited-data run vs more images
     metrics.main()
     assert seen == dict(path='from-ckpt', resolution=16, max_images=500, seed=3)
+    monkeypatch.setattr(sys, 'argv', argv + ['--batch', '10'])  # D's minibatch-std groups of 4 cannot split 10
+    with pytest.raises(SystemExit):
+        metrics.main()
+    assert "--batch 10 is not a multiple of this D's minibatch-std group 4" in capsys.readouterr().err
 
 
 def test_plot_logs_draws_each_curve(tmp_path):

@@ -480,7 +480,7 @@ def train(args, rank, world, device):
             t0 = time.time()
             res = metrics.evaluate(names, G_ema, D, dataset, device, rank, world, num_gen=args.num_gen,
                                    fid_weights=args.fid_weights, cache_dir=os.path.join(args.out, 'cache'),
-                                   seed=args.seed, log=lambda s: print0(s, rank=rank))
+                                   seed=args.seed, amp=args.amp, log=lambda s: print0(s, rank=rank))
             if logf:
                 logf.write(json.dumps(dict(kimg=round(nimg / 1000, 3), step=step, metrics=res)) + '\n')
                 logf.flush()
