@@ -1719,6 +1719,58 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         for k, st in ca[opt]['state'].items():
             assert torch.equal(st['exp_avg_sq'], cb[opt]['state'][k]['exp_avg_sq'])
     assert torch.equal(ca['pl_mean'], cb['pl_mean'])
+    steps = lambda out: [json.loads(line)['step'] for line in open(f'{out}/log.jsonl')]
+    assert steps(a) == steps(b) == [1, 2, 3, 4]  # the resumed log holds each step once
+
+
+def test_resume_takes_new_lr_and_refuses_another_run_or_a_stale_checkpoint(tmp_path, capsys):
+    out = run_train(tmp_path, '--kimg', '0.024', '--snap-kimg', '0.008', '--keep', '3')
+    ckpts = sorted(glob.glob(f'{out}/ckpt-*.pt'))
+    assert len(ckpts) == 3
+    flags = TINY_FLAGS + ['--out', out, '--kimg', '0.032']
+    expect_error(capsys, flags + ['--seed', '5'], 'other settings', '--seed 0 (this run: 5)', f'--resume {ckpts[-1]}')
+    expect_error(capsys, flags + ['--resume', ckpts[0]], 'past step 1', 'ckpt-0000003.pt')
+    train.main(flags + ['--seed', '5', '--lr', '1e-4', '--resume', ckpts[-1]])  # on purpose: allowed
+    ck = load(f'{out}/ckpt-0000004.pt')
+    assert ck['args']['seed'] == 5 and ck['step'] == 4
+    assert ck['opt_G']['param_groups'][0]['lr'] == pytest.approx(1e-4)  # the flag, not the saved 2e-3
+    assert ck['opt_D']['param_groups'][0]['lr'] == pytest.approx(1e-4 * 16 / 17)  # lazy R1: lr x 16 / 17
+    del ck['G']['synthesis.b4.const']
+    torch.save(ck, tmp_path / 'old.pt')
+    expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'n'), '--resume', str(tmp_path / 'old.pt')],
+                 'does not fit this code', 'synthesis.b4.const')
+
+
+def test_metrics_and_snapshots_run_once_per_interval(tmp_path):
+    out = run_train(tmp_path, '--kimg', '0.04', '--snap-kimg', '0.02', '--metrics', 'di', '--num-gen', '16',
+                    '--metrics-kimg', '0.02')  # batch 8: nimg 8, 16, 24 (crosses 20), 32, 40 (crosses 40, the end)
+    evals = [json.loads(line)['step'] for line in open(f'{out}/log.jsonl') if 'metrics' in line]
+    assert evals == [3, 5] and sorted(os.listdir(out)).count('ckpt-0000003.pt') == 1
+
+
+def test_write_failure_and_bad_image_mid_run_keep_the_work(tmp_path, capsys, monkeypatch):
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    err = expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'full'), '--kimg', '0.008'], 'could not write')
+    assert 'No space left' in err and not glob.glob(f'{tmp_path}/full/*.tmp')  # no half-written file left
+    monkeypatch.setattr(torch, 'save', real_save)
+    root = tmp_path / 'imgs'
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f'{i:02d}.png')
+    bad = sorted(root.iterdir())[40]  # past the 32 of reals.png; its header is fine (the start-up scan passes),
+    bad.write_bytes(bad.read_bytes()[:100])  # its pixels are cut short
+    flags = TINY_FLAGS + ['--out', str(tmp_path / 'run'), '--data', str(root), '--kimg', '0.064', '--snap-kimg', '1']
+    expect_error(capsys, flags, 'could not be decoded', '--skip-bad')
+    ckpts = glob.glob(f'{tmp_path}/run/ckpt-*.pt')
+    assert len(ckpts) == 1 and load(ckpts[0])['step'] >= 1  # the steps before the bad batch are kept
+    train.main(flags + ['--skip-bad'])  # --skip-bad is not a run setting: the same command goes on
+    assert load(sorted(glob.glob(f'{tmp_path}/run/ckpt-*.pt'))[-1])['step'] == 8
 
 
 def torchrun(args, nproc, cwd):
@@ -1742,6 +1794,11 @@ def test_ddp_two_processes_match_one(tmp_path):
     # w_avg (truncation only) is tracked per process, from its own samples, as in the official code
     assert_same_state(a, b, atol=1e-4, skip=['mapping.w_avg'])  # Adam steps are lr=2e-3
     assert torch.allclose(a['pl_mean'], b['pl_mean'], atol=1e-6)
+    logs = [[json.loads(line) for line in open(f'{tmp_path}/{name}/log.jsonl')] for name in ('ddp', 'one')]
+    assert [line['step'] for line in logs[0]] == [line['step'] for line in logs[1]] == [1, 2, 3]
+    for x, y in zip(*logs):  # the log line holds the whole batch's numbers, not rank 0's half
+        for k in ('G/loss', 'D/loss', 'D/r1', 'D/real_min', 'D/fake_max'):
+            assert (k in x) == (k in y) and x.get(k, 0) == pytest.approx(y.get(k, 0), rel=1e-3, abs=1e-4), k
 
 
 def expect_error(capsys, argv, *needles):
@@ -1767,6 +1824,11 @@ def test_bad_flags_and_checkpoints_give_one_line_errors(tmp_path, capsys):
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--amp', 'fp16'], 'bf16')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--sel', 'norm', '--align-interval', '0'], '--align-interval 0')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--data', str(tmp_path / 'nowhere')], 'nowhere')
+    for flag, value in [('--batch', '0'), ('--keep', '0'), ('--r1-interval', '0'), ('--workers', '-1'), ('--kimg', '0')]:
+        expect_error(capsys, TINY_FLAGS + ['--out', out, flag, value], f'{flag} {value} must be')
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--device', 'gpu0'], '--device gpu0 is not a device')
+    (tmp_path / 'file').write_text('')
+    expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'file')], 'is a file')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--resume', str(tmp_path / 'x.pt')], 'no such file')
     run_train(tmp_path, '--kimg', '0.008', name='r')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--channel-max', '64'], 'another architecture', '--channel-max 32')

@@ -129,6 +129,16 @@ class UserError(Exception):
 
 
 def check_args(args, world, device):
+    for flag, value, low in [('--batch', args.batch, 1), ('--mbstd-group', args.mbstd_group, 1), ('--z-dim', args.z_dim, 1),
+                             ('--w-dim', args.w_dim, 1), ('--r1-interval', args.r1_interval, 1),
+                             ('--pl-interval', args.pl_interval, 1), ('--align-interval', args.align_interval, 1),
+                             ('--keep', args.keep, 1), ('--workers', args.workers, 0)]:
+        if value < low:
+            raise UserError(f'{flag} {value} must be at least {low}')
+    if not args.kimg > 0:
+        raise UserError(f'--kimg {args.kimg:g} must be positive (the length of the run in thousands of images)')
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f'--out {args.out} is a file; give a folder for checkpoints, grids and the log')
     if args.batch % world:
         raise UserError(f'--batch {args.batch} is not divisible by the {world} processes; use a multiple of {world}')
     b = args.batch // world
@@ -142,8 +152,6 @@ def check_args(args, world, device):
                 raise UserError(f'--metrics: {e}') from None
     if args.sel == 'none' and args.heatmap != 'hier':
         raise UserError('--heatmap only matters with --sel; add --sel norm (or concat/flatten)')
-    if args.align_interval < 1:
-        raise UserError(f'--align-interval {args.align_interval} must be at least 1 (1 = every G step)')
     if args.amp == 'fp16' and device.type != 'cuda':
         raise UserError('--amp fp16 needs a CUDA GPU (loss scaling); use --amp bf16 on the CPU')
 
@@ -152,11 +160,16 @@ def check_args(args, world, device):
 # Distributed helpers (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; one process otherwise)
 
 def init_distributed(device_flag):
+    try:
+        dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu') if device_flag == 'auto' else torch.device(device_flag)
+    except RuntimeError:
+        raise UserError(f'--device {device_flag} is not a device; use auto, cpu, cuda or cuda:N') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'--device {device_flag}: PyTorch sees no CUDA GPU here; use --device cpu')
     if 'RANK' not in os.environ:
-        dev = 'cuda' if device_flag == 'auto' and torch.cuda.is_available() else ('cpu' if device_flag == 'auto' else device_flag)
-        return 0, 1, torch.device(dev)
+        return 0, 1, dev
     local = int(os.environ.get('LOCAL_RANK', 0))
-    cuda = torch.cuda.is_available() and device_flag != 'cpu'
+    cuda = dev.type == 'cuda'
     if cuda:
         torch.cuda.set_device(local)
     dist.init_process_group('nccl' if cuda else 'gloo')
@@ -198,8 +211,17 @@ def checkpoint_paths(out):
 
 def save_checkpoint(path, state, keep):
     tmp = path + '.tmp'
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoints intact
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename and before older checkpoints go
+        os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoints intact
+    except (OSError, RuntimeError) as e:  # disk full, quota, permissions
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f'could not write {path} ({str(e).strip().splitlines()[0]}): free some space or choose '
+                        f'another --out; the earlier checkpoints are intact') from None
     for old in checkpoint_paths(os.path.dirname(path))[:-keep]:
         os.remove(old)
 
@@ -207,6 +229,10 @@ def save_checkpoint(path, state, keep):
 def last_good(out):
     last = checkpoint_paths(out)
     return f'the last good checkpoint is {last[-1] if last else "none"}: resume from it with a lower --lr or --gamma'
+
+
+def _differing(keys, saved, args):
+    return [f'--{k.replace("_", "-")} {saved.get(k)} (this run: {getattr(args, k)})' for k in keys if saved.get(k) != getattr(args, k)]
 
 
 def resolve_resume(args):
@@ -224,16 +250,26 @@ def resolve_resume(args):
     return args.resume
 
 
+RUN_KEYS = ('data', 'max_images', 'seed', 'batch', 'loss', 'mirror')  # what makes --resume auto's run the same run
+
+
 def load_resume(path, args, device):
     try:
         ckpt = model.read_checkpoint(path, device)
     except ValueError as e:
         raise UserError(str(e)) from None
-    diff = [f'--{k.replace("_", "-")} {ckpt["args"].get(k)} (this run: {getattr(args, k)})'
-            for k in model.ARCH_KEYS if k != 'conv_clamp' and ckpt['args'].get(k) != getattr(args, k)]  # --amp may change
+    diff = _differing([k for k in model.ARCH_KEYS if k != 'conv_clamp'], ckpt['args'], args)  # --amp may change
     if diff:
         raise UserError(f'checkpoint {path} has another architecture: {"; ".join(diff)}; '
                         f'rerun with its flags or use another --out')
+    diff = _differing(RUN_KEYS, ckpt['args'], args)
+    if args.resume == 'auto' and diff:
+        raise UserError(f'{args.out} holds a run with other settings: {"; ".join(diff)}; rerun with its flags, use '
+                        f'another --out, or pass --resume {path} to continue it with these on purpose')
+    newer = [p for p in checkpoint_paths(args.out) if int(os.path.basename(p)[5:-3]) > ckpt['step']]
+    if newer:
+        raise UserError(f'{args.out} holds checkpoints past step {ckpt["step"]} ({os.path.basename(newer[-1])}), '
+                        f'which a later --resume auto would take: delete them or use another --out')
     return ckpt
 
 
@@ -241,8 +277,8 @@ def load_resume(path, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = init_distributed(args.device)
     try:
+        rank, world, device = init_distributed(args.device)
         check_args(args, world, device)
         train(args, rank, world, device)
         if world > 1:  # leave together: a rank tearing gloo down while rank 0 still writes can abort
@@ -288,15 +324,22 @@ def train(args, rank, world, device):
     resume = None if bench else resolve_resume(args)
     if resume:
         ckpt = load_resume(resume, args, device)
-        for net, key in [(G, 'G'), (D, 'D'), (G_ema, 'G_ema')]:
-            net.load_state_dict(ckpt[key])
-        opt_G.load_state_dict(ckpt['opt_G'])
-        opt_D.load_state_dict(ckpt['opt_D'])
-        scaler_G.load_state_dict(ckpt['scaler_G'])
-        scaler_D.load_state_dict(ckpt['scaler_D'])
-        pl_mean.copy_(ckpt['pl_mean'])
-        step, nimg = ckpt['step'], ckpt['nimg']
-        print0(f'resumed {resume} at kimg {nimg / 1000:.1f} (step {step})', rank=rank)
+        try:
+            for net, key in [(G, 'G'), (D, 'D'), (G_ema, 'G_ema')]:
+                net.load_state_dict(ckpt[key])
+            opt_G.load_state_dict(ckpt['opt_G'])
+            opt_D.load_state_dict(ckpt['opt_D'])
+            scaler_G.load_state_dict(ckpt['scaler_G'])
+            scaler_D.load_state_dict(ckpt['scaler_D'])
+            pl_mean.copy_(ckpt['pl_mean'])
+            step, nimg = ckpt['step'], ckpt['nimg']
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise UserError(f'checkpoint {resume} does not fit this code ({type(e).__name__}: '
+                            f'{" ".join(str(e).split())[:200]}); use another --out') from None
+        for opt, c in ((opt_G, c_G), (opt_D, c_D)):  # the flags win, e.g. a lower --lr after a divergence
+            for group in opt.param_groups:
+                group.update(lr=args.lr * c, betas=(0.0, 0.99 ** c))
+        print0(f'resumed {resume} at kimg {nimg / 1000:.3f} (step {step})', rank=rank)
         del ckpt
     G_main = torch.compile(G) if args.compile else G  # double-backward phases use the eager modules
     D_main = torch.compile(D) if args.compile else D
@@ -438,25 +481,42 @@ def train(args, rank, world, device):
 
     # The loop
     total = int(args.kimg * 1000)
-    every = lambda kimg: max(1, round(kimg * 1000 / B))
-    snap_every = every(args.snap_kimg)
-    metric_every = every(args.metrics_kimg or args.snap_kimg)
+    due = lambda kimg: nimg // max(1, round(kimg * 1000)) > (nimg - B) // max(1, round(kimg * 1000))  # crossed a multiple
     names = [m for m in args.metrics.split(',') if m and m != 'none']
-    logf = open(os.path.join(args.out, 'log.jsonl'), 'a') if rank == 0 else None
+    ctl = dist.new_group(backend='gloo') if world > 1 else None  # host-side flags, no device sync
+
+    def agree(flag):  # rank 0's decision on every process (its clock decides when to log)
+        if world == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.broadcast(t, 0, group=ctl)
+        return bool(t.item())
+
+    def checkpoint(step, nimg):  # the weights are the same on every process: any one of them may write them
+        state = dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), opt_G=opt_G.state_dict(),
+                     opt_D=opt_D.state_dict(), scaler_G=scaler_G.state_dict(), scaler_D=scaler_D.state_dict(),
+                     pl_mean=pl_mean, step=step, nimg=nimg, args=vars(args))
+        save_checkpoint(os.path.join(args.out, f'ckpt-{step:07d}.pt'), state, args.keep)
+
+    logf = open(trim_log(os.path.join(args.out, 'log.jsonl'), step), 'a') if rank == 0 else None
     t_log = t_start = time.time()
-    n_log = nimg
+    n_log, saved = nimg, step
     print0(f'training to {args.kimg} kimg with the {args.loss} loss'
            + (f' (non-saturating warm-up until {args.warmup_kimg:g} kimg)' if args.loss == 'contrastive' else ''), rank=rank)
     while nimg < total:
-        real_u8 = next(loader)
-        ref_u8 = next(ref_loader) if ref_loader is not None else None
+        try:
+            real_u8 = next(loader)
+            ref_u8 = next(ref_loader) if ref_loader is not None else None
+        except data.DataError:  # e.g. a truncated image: keep the steps since the last snapshot
+            if step > saved and all(torch.isfinite(p).all() for p in G.parameters()):
+                checkpoint(step, nimg)
+            raise
         train_step(step, real_u8, ref_u8)
         step += 1
         nimg += B
         done = nimg >= total
-        if time.time() - t_log >= args.log_sec or done:
-            vals = {k: s.item() / n for k, (s, n) in stats.items()}
-            vals.update({k: v.item() for k, v in extremes.items()})
+        if agree(time.time() - t_log >= args.log_sec or done):
+            vals = reduced_stats(stats, extremes, world)
             bad = [k for k, v in vals.items() if v != v or abs(v) == float('inf')]
             if bad:
                 raise UserError(f'non-finite {", ".join(bad)} at kimg {nimg / 1000:.2f}; {last_good(args.out)}, or --amp none')
@@ -473,10 +533,11 @@ def train(args, rank, world, device):
                 logf.flush()
             stats.clear()
             extremes.clear()
-        if step % snap_every == 0 or done:
-            snapshot(args, rank, world, device, step, nimg, G, D, G_ema, opt_G, opt_D, scaler_G, scaler_D, pl_mean,
+        if due(args.snap_kimg) or done:
+            snapshot(args, rank, world, device, step, nimg, G, G_ema, lambda: checkpoint(step, nimg),
                      grid_z if rank == 0 else None, grid_h if rank == 0 else None)
-        if names and (step % metric_every == 0 or done):
+            saved = step
+        if names and (due(args.metrics_kimg or args.snap_kimg) or done):
             t0 = time.time()
             res = metrics.evaluate(names, G_ema, D, dataset, device, rank, world, num_gen=args.num_gen,
                                    fid_weights=args.fid_weights, cache_dir=os.path.join(args.out, 'cache'),
@@ -489,7 +550,37 @@ def train(args, rank, world, device):
     print0(f'done: {nimg / 1000:.2f} kimg in {fmt_time(time.time() - t_start)}; checkpoints in {args.out}', rank=rank)
 
 
-def snapshot(args, rank, world, device, step, nimg, G, D, G_ema, opt_G, opt_D, scaler_G, scaler_D, pl_mean, grid_z, grid_h):
+def reduced_stats(stats, extremes, world):
+    """Means of the recorded values over the steps since the last log line and over all processes;
+    D's extreme scores over all processes (the same on every rank)."""
+    keys = list(stats)
+    sums = torch.stack([stats[k][0] for k in keys]) if keys else torch.zeros(0)
+    if world > 1:
+        dist.all_reduce(sums)
+        for k, v in extremes.items():
+            dist.all_reduce(v, op=dist.ReduceOp.MIN if k.endswith('_min') else dist.ReduceOp.MAX)
+    vals = {k: s / (stats[k][1] * world) for k, s in zip(keys, sums.tolist())}
+    return {**vals, **{k: v.item() for k, v in extremes.items()}}
+
+
+def trim_log(path, step):
+    """A resumed run drops the log lines past its checkpoint's step (it writes them again); a new run
+    starts an empty log. Returns path."""
+    keep = []
+    if os.path.isfile(path):
+        for line in open(path):
+            try:
+                if json.loads(line)['step'] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                pass
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(keep)
+    os.replace(path + '.tmp', path)
+    return path
+
+
+def snapshot(args, rank, world, device, step, nimg, G, G_ema, checkpoint, grid_z, grid_h):
     """Image grid (EMA G, fixed latents) and checkpoint; refuses to save non-finite weights."""
     finite = torch.tensor(float(all(torch.isfinite(p).all() for p in G.parameters())), device=device)
     if world > 1:
@@ -499,10 +590,7 @@ def snapshot(args, rank, world, device, step, nimg, G, D, G_ema, opt_G, opt_D, s
     if rank != 0:
         return
     data.save_grid(generate_images(G_ema, grid_z, grid_h, args.batch), os.path.join(args.out, f'fakes-{step:07d}.png'))
-    state = dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), opt_G=opt_G.state_dict(),
-                 opt_D=opt_D.state_dict(), scaler_G=scaler_G.state_dict(), scaler_D=scaler_D.state_dict(),
-                 pl_mean=pl_mean, step=step, nimg=nimg, args=vars(args))
-    save_checkpoint(os.path.join(args.out, f'ckpt-{step:07d}.pt'), state, args.keep)
+    checkpoint()
 
 
 def grid_latents(G, args, device):
