@@ -118,14 +118,11 @@ def reference_modconv(x, weight, styles, demodulate, up):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize('up', [1, 2])
+@pytest.mark.parametrize('up, demodulate', [(1, True), (2, True), (1, False)])  # toRGB (no demod.) never upsamples
 @pytest.mark.parametrize('fused', [False, True])
-@pytest.mark.parametrize('demodulate', [True, False])
 def test_modulated_conv_matches_per_sample_reference(up, fused, demodulate):
     torch.manual_seed(0)
     x, weight, styles = torch.randn(3, 6, 5, 5), torch.randn(4, 6, 3, 3), torch.randn(3, 6)
-    if not demodulate and up == 2:
-        return  # toRGB (the only non-demodulated conv) never upsamples
     y = model.modulated_conv2d(x, weight, styles, demodulate, up, model.fir_filter(), fused)
     ref = reference_modconv(x, weight, styles, demodulate, up)
     assert y.shape == ref.shape
@@ -214,8 +211,9 @@ def test_truncation_and_style_mixing():
 def test_w_avg_tracking_and_noise_inputs():
     G, _ = tiny()
     z = torch.randn(16, 32)
+    G.mapping.w_avg.fill_(0.5)  # a running mean from earlier steps
     G(z, update_w_avg=True)
-    assert torch.allclose(G.mapping.w_avg, 0.005 * G.map(z)[:, 0].mean(0), atol=1e-6)
+    assert torch.allclose(G.mapping.w_avg, 0.5 + 0.005 * (G.map(z)[:, 0].mean(0) - 0.5), atol=1e-6)
     G.eval()
     a, b = G(z[:2], noise_mode='const'), G(z[:2], noise_mode='const')
     assert torch.equal(a, b)  # const noise and fused inference conv are deterministic
@@ -289,6 +287,11 @@ def test_r1_and_gradient_penalty_hand_values():
     assert torch.allclose(losses.r1_penalty(x, D(x)), a.square().sum().expand(5), rtol=1e-5)
     gp = losses.wgan_gp(D, torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4))
     assert torch.allclose(gp, (a.norm() - 1).square().expand(5), rtol=1e-4)
+    # a quadratic D sees where it is evaluated: ||grad|| = ||2 x_hat||, x_hat = lerp(real, fake, t)
+    real, fake, t = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4), torch.rand(5, 1, 1, 1)
+    gp = losses.wgan_gp(lambda x, ref=None: x.square().flatten(1).sum(1), real, fake, t=t)
+    x_hat = real + t * (fake - real)
+    assert torch.allclose(gp, ((2 * x_hat).flatten(1).norm(dim=1) - 1).square(), rtol=1e-4)
     # R1 of a quadratic D(x) = sum x^2 is ||2x||^2, and it is differentiable (for the backward)
     x = torch.randn(2, 3, 4, 4, requires_grad=True)
     r1 = losses.r1_penalty(x, x.square().flatten(1).sum(1))
@@ -304,10 +307,10 @@ def test_path_length_penalty_hand_computation():
     ws = torch.randn(5, 6, 8, requires_grad=True)
     img = (ws.sum(1) @ M).view(5, 3, 4, 4)
     y = torch.randn(5, 3, 4, 4)
-    pl_mean = torch.zeros([])
+    pl_mean = torch.full([], 3.0)  # a running mean from earlier steps
     pen = losses.path_length_penalty(img, ws, pl_mean, noise=y)
     lengths = ((y / 4).flatten(1) @ M.t()).norm(dim=1)  # 1 / sqrt(H W) = 1 / 4
-    assert torch.allclose(pl_mean, 0.01 * lengths.mean(), rtol=1e-5)
+    assert torch.allclose(pl_mean, 3.0 + 0.01 * (lengths.mean() - 3.0), rtol=1e-5)
     assert torch.allclose(pen, (lengths - pl_mean).square(), rtol=1e-4)
 
 
@@ -1739,6 +1742,49 @@ def test_resume_takes_new_lr_and_refuses_another_run_or_a_stale_checkpoint(tmp_p
     torch.save(ck, tmp_path / 'old.pt')
     expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'n'), '--resume', str(tmp_path / 'old.pt')],
                  'does not fit this code', 'synthesis.b4.const')
+
+
+def test_training_step_maths_by_hand(tmp_path, monkeypatch):
+    """One 4-step run checked against hand values: lazy R1 / path length weights (x interval) and
+    their Adam lr x I / (I + 1), the EMA with its ramp-up, the contrastive loss's non-saturating
+    warm-up, style mixing at --style-mix 1, references drawn independently of the primaries."""
+    calls, kinds, cuts, batches = [], [], [], []
+    real_phase_step, real_r1, real_pl = train.phase_step, losses.r1_penalty, losses.path_length_penalty
+    monkeypatch.setattr(train, 'phase_step', lambda net, opt, scaler, loss, world: (
+        calls.append(loss.item()), real_phase_step(net, opt, scaler, loss, world)))
+    captured = {}
+    monkeypatch.setattr(losses, 'r1_penalty', lambda *a: captured.setdefault('r1', []).append(real_r1(*a)) or captured['r1'][-1])
+    monkeypatch.setattr(losses, 'path_length_penalty',
+                        lambda *a, **k: captured.setdefault('pl', []).append(real_pl(*a, **k)) or captured['pl'][-1])
+    real_d_loss = losses.d_loss
+    monkeypatch.setattr(losses, 'd_loss', lambda kind, *a: kinds.append(kind) or real_d_loss(kind, *a))
+    real_forward = model.Generator.forward
+    monkeypatch.setattr(model.Generator, 'forward', lambda self, *a, **k: (
+        cuts.append((int(k['mix_cutoff']), self.num_ws)) if 'mix_cutoff' in k else None, real_forward(self, *a, **k))[1])
+    real_next = data.InfiniteLoader.__next__
+    monkeypatch.setattr(data.InfiniteLoader, '__next__', lambda self: batches.append(real_next(self)) or batches[-1])
+    out = run_train(tmp_path, '--kimg', '0.032', '--snap-kimg', '0.008', '--keep', '5', '--gamma', '3', '--r1-interval', '2',
+                    '--pl-weight', '2', '--pl-interval', '2', '--loss', 'contrastive', '--warmup-kimg', '0.016',
+                    '--style-mix', '1', '--d-attn', 'ref', '--ema-kimg', '0.01', '--ema-rampup', '0.5')
+    # phases: Gmain, Greg (even steps), Dmain, Dreg (even steps): steps 0 and 2 make calls 0-3 and 6-9
+    assert len(calls) == 12
+    greg, dreg = [calls[1], calls[7]], [calls[3], calls[9]]
+    for i in range(2):
+        assert greg[i] == pytest.approx(captured['pl'][i].mean().item() * 2 * 2, rel=1e-5)  # pl x weight x interval
+        assert dreg[i] == pytest.approx(captured['r1'][i].mean().item() * 3 / 2 * 2, rel=1e-5)  # r1 x gamma/2 x interval
+    ck = [load(f'{out}/ckpt-{s:07d}.pt') for s in (1, 2)]
+    for opt in ('opt_G', 'opt_D'):  # lazy regularisation, c = 2 / 3
+        group = ck[1][opt]['param_groups'][0]
+        assert group['lr'] == pytest.approx(2e-3 * 2 / 3) and group['betas'][1] == pytest.approx(0.99 ** (2 / 3))
+    assert kinds == ['nonsat', 'nonsat', 'contrastive', 'contrastive']  # warm-up until 16 images
+    assert cuts and all(c < n for c, n in cuts)  # --style-mix 1: every batch mixes
+    assert not torch.equal(batches[0], batches[1])  # the references are other images than the primaries
+    # EMA at step 1: nimg 8, ema_nimg = min(10, 8 x 0.5) = 4, beta = 0.5 ** (8 / 4)
+    beta = 0.5 ** 2
+    for k, v in ck[1]['G_ema'].items():
+        want = ck[1]['G'][k] if k in dict(model.Generator(**{**TINY_G, 'resolution': 16}).named_buffers()) else \
+            torch.lerp(ck[0]['G_ema'][k], ck[1]['G'][k], 1 - beta)
+        assert torch.allclose(v, want, atol=1e-6), k
 
 
 def test_metrics_and_snapshots_run_once_per_interval(tmp_path):
