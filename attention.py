@@ -30,7 +30,7 @@ conv at 32x32 with its style affine. SAN's own patch-wise default is s=7; the th
 "much larger than 3x3", and with these widths s=9 meets the budget almost exactly. At C=512:
     K, Q  2 (C C' + C')            =    16,416      V    C^2 + C            =   262,656
     FC1   (s^2 C' + C') D + D      =   672,256      FC2  D s^2 G + s^2 G    = 1,329,696
-    SAN total 2,281,024 = 9*512^2 + 512^2 - 340,416    (conv 2,359,296 + affine 262,144)
+    SAN total 2,281,024 = 9*512^2 + 512^2 + 512 - 340,928    (conv 2,359,296 + affine 262,144 + its bias)
     MACs per position: 2 C C' + C^2 + (s^2 C' + C') D + D s^2 G + s^2 C (aggregation)
                      = 2,318,848 <= 9 C^2 = 2,359,296 (the 3x3 conv); x 1024 positions at 32x32.
 
