@@ -18,6 +18,7 @@ import zipfile
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.ndimage
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -147,6 +148,59 @@ def test_demodulation_gives_unit_variance():
     x = torch.randn(4, 64, 32, 32)
     y = model.modulated_conv2d(x, torch.randn(64, 64, 3, 3), torch.rand(4, 64) * 3 + 0.1)
     assert abs(y[:, :, 1:-1, 1:-1].std().item() - 1) < 0.05
+
+
+def test_torgb_by_hand():
+    """ToRGB = 1x1 modulated conv without demodulation: s = (w A^T / sqrt(w_dim) + a) / sqrt(C_in),
+    y[b, o] = sum_i W[o, i] s[b, i] x[b, i] + bias[o]."""
+    torch.manual_seed(0)
+    m = model.ToRGB(8, 6).double()
+    with torch.no_grad():
+        m.bias.normal_()
+        m.affine.bias.normal_()
+    x, w = torch.randn(2, 8, 3, 5, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    s = (w @ m.affine.weight.T / math.sqrt(6) + m.affine.bias) / math.sqrt(8)
+    y = torch.einsum('oi,bi,bihw->bohw', m.weight[:, :, 0, 0], s, x) + m.bias.view(1, 3, 1, 1)
+    for fused in (False, True):
+        assert torch.allclose(m(x, w, fused=fused), y, atol=1e-12)
+
+
+def test_discriminator_block_by_hand():
+    """Residual D block from F.conv2d: skip = 1x1 stride-2 conv of the [1,3,3,1]-blurred input (pad 1) x sqrt(.5);
+    conv path = lrelu(3x3 conv + b0) sqrt 2, then 3x3 stride-2 conv of its blur (pad 2) + b1, lrelu, x sqrt 2
+    x sqrt(.5); weights / sqrt(fan-in); out = skip + conv path."""
+    torch.manual_seed(0)
+    m = model.DiscriminatorBlock(4, 4, 6).double()
+    with torch.no_grad():
+        m.conv0.bias.normal_()
+        m.conv1.bias.normal_()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    f = torch.tensor([1., 3, 3, 1], dtype=torch.float64)
+    f = (torch.outer(f, f) / 64).expand(4, 1, 4, 4)
+    fir = lambda t, p: F.conv2d(F.pad(t, [p] * 4), f, groups=4)
+    lrelu = lambda t: F.leaky_relu(t, 0.2) * math.sqrt(2)
+    skip = F.conv2d(fir(x, 1), m.skip.weight / math.sqrt(4), stride=2) * math.sqrt(0.5)
+    h = lrelu(F.conv2d(x, m.conv0.weight / math.sqrt(36), m.conv0.bias, padding=1))
+    h = lrelu(F.conv2d(fir(h, 2), m.conv1.weight / math.sqrt(36), m.conv1.bias, stride=2)) * math.sqrt(0.5)
+    assert torch.allclose(m(x), skip + h, atol=1e-12)
+
+
+def test_mapping_normalises_z_by_hand():
+    """z -> z / sqrt(mean(z^2) + 1e-8), then FC layers y = lrelu(x W^T 0.01 / sqrt(fan-in) + 0.01 b) sqrt 2
+    (stored W ~ N(0, 1/0.01^2)); so w(c z) = w(z) for any c > 0."""
+    torch.manual_seed(0)
+    m = model.MappingNetwork(8, 5, num_ws=3, layers=2).double()
+    with torch.no_grad():
+        for i in range(2):
+            getattr(m, f'fc{i}').bias.normal_(0, 100)
+    z = 3 * torch.randn(4, 8, dtype=torch.float64)
+    x = z / (z.square().mean(1, keepdim=True) + 1e-8).sqrt()
+    for i, fan_in in enumerate((8, 5)):
+        fc = getattr(m, f'fc{i}')
+        x = F.leaky_relu(x @ fc.weight.T * 0.01 / math.sqrt(fan_in) + 0.01 * fc.bias, 0.2) * math.sqrt(2)
+    ws = m(z)
+    assert ws.shape == (4, 3, 5) and torch.allclose(ws, x[:, None].expand(4, 3, 5), atol=1e-10)
+    assert torch.allclose(m(z / 7), ws, atol=1e-10)
 
 
 def test_upsample_and_downsample_filters():
@@ -416,6 +470,70 @@ def test_attention_san_aggregation_gradients_of_any_order(block, monkeypatch):
     vs, g = v.detach().view(2, 3, G, 4, 5), torch.randn(2, 3, G, 4, 5, dtype=torch.float64)
     for op, args in ((attention.agg, (vs, w, s)), (attention.agg_t, (g, w, s)), (attention.corr, (vs, g, s))):
         torch.library.opcheck(op, args)  # the custom ops' shapes, strides and autograd as torch.compile sees them
+
+
+def test_san_runtime_scales_by_hand():
+    """Equalized lr: each Conv's run-time scale is 1/sqrt(fan-in) from its shapes (C = 64, C' = 2, D = 64,
+    G = 4, s = 9): K, Q, V 1/8; fc1 (both halves of M_w1) 1/sqrt(81 * 2 + 2); fc2 (1/s)/sqrt(D) = 1/72, and
+    the conv applies weight x scale. At init the attention branch of a unit-variance input has std ~0.33."""
+    torch.manual_seed(0)
+    m = attention.SAN(64)
+    assert (m.patch, m.groups) == (9, 4) and m.key.weight.shape[0] == 2 and m.fc1_k.weight.shape[0] == 64
+    hand = dict(key=1 / 8, query=1 / 8, value=1 / 8, fc1_k=1 / math.sqrt(164), fc1_q=1 / math.sqrt(164), fc2=1 / 72)
+    for name, scale in hand.items():
+        assert getattr(m, name).scale == pytest.approx(scale, rel=1e-12), name
+    x = torch.randn(2, 64, 16, 16)
+    with torch.no_grad():
+        m.key.bias.normal_()
+        assert torch.allclose(m.key(x), torch.einsum('oc,bchw->bohw', m.key.weight[:, :, 0, 0] / 8, x)
+                              + m.key.bias.view(1, -1, 1, 1), atol=1e-5)
+        assert 0.2 < (m(x) - x).std().item() < 0.5  # 2.5 with fc2 scaled by 1/sqrt(D) only
+
+
+def test_sagan_matches_einsum_derivation():
+    """SAGAN with gamma = 0.7: f, g, h, v 1x1 convs (weights / sqrt(fan-in), biases);
+    beta[j, i] = softmax_i(f_i . g_j) (over the key positions i), o_j = sum_i beta[j, i] h_i,
+    out = x + gamma v(o)."""
+    torch.manual_seed(0)
+    m = attention.SAGAN(16).double()
+    with torch.no_grad():
+        m.gamma.fill_(0.7)
+        for conv in (m.f, m.g, m.h, m.v):
+            conv.bias.normal_()
+    x = torch.randn(2, 16, 3, 5, dtype=torch.float64).flatten(2)  # [B, C, N]
+    conv = lambda c, t, fan_in: torch.einsum('oc,bcn->bon', c.weight[:, :, 0, 0], t) / math.sqrt(fan_in) + c.bias[:, None]
+    f, g, h = (conv(c, x, 16) for c in (m.f, m.g, m.h))
+    s = torch.einsum('bci,bcj->bji', f, g)
+    beta = s.exp() / s.exp().sum(2, keepdim=True)
+    o = torch.einsum('bji,bci->bcj', beta, h)
+    out = x + 0.7 * conv(m.v, o, 8)
+    assert torch.allclose(m(x.view(2, 16, 3, 5)), out.view(2, 16, 3, 5), atol=1e-10)
+
+
+def test_vt_matches_einsum_derivation():
+    """VT (C = 16, L = 4 tokens, 2 heads of width 8): A = softmax over the HW positions of W_A X, tokens
+    T = A X^T; T += proj(MHSA(LN1(T))) with softmax(q k^T / sqrt 8); T += W2 gelu(W1 LN2(T));
+    out = X + softmax over the L tokens of (W_Q X)(W_K T)^T / sqrt(C), times T. 1x1 weights / sqrt(fan-in)."""
+    torch.manual_seed(0)
+    m = attention.VT(16, tokens=4, heads=2).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    B, C, H, W = 2, 16, 3, 5
+    x = torch.randn(B, C, H * W, dtype=torch.float64)
+    lin = lambda c, t: torch.einsum('oc,...c->...o', c.weight[:, :, 0, 0], t) / math.sqrt(c.weight.shape[1]) + c.bias
+    sm = lambda t: t.exp() / t.exp().sum(-1, keepdim=True)
+    ln = lambda n, t: (t - t.mean(-1, keepdim=True)) / (t.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt() * n.weight + n.bias
+    a = sm(lin(m.tokenizer, x.transpose(1, 2)).transpose(1, 2))  # [B, L, HW], normalised over HW
+    t = torch.einsum('bln,bcn->blc', a, x)
+    q, k, v = lin(m.qkv, ln(m.norm1, t)).view(B, 4, 3, 2, 8).unbind(2)  # each [B, L, heads, 8]
+    att = torch.einsum('bhlk,bkhd->blhd', sm(torch.einsum('blhd,bkhd->bhlk', q, k) / math.sqrt(8)), v)
+    t = t + lin(m.proj, att.reshape(B, 4, C))
+    t = t + lin(m.mlp2, F.gelu(lin(m.mlp1, ln(m.norm2, t))))
+    p = sm(torch.einsum('bnc,blc->bnl', lin(m.proj_q, x.transpose(1, 2)), lin(m.proj_k, t)) / math.sqrt(C))
+    out = x + torch.einsum('bnl,blc->bcn', p, t)
+    assert torch.allclose(m(x.view(B, C, H, W)), out.view(B, C, H, W), atol=1e-10)
 
 
 @pytest.mark.parametrize('eq,srcs', [(8, 'rrp'), (1, 'prr'), (2, 'prp')])
@@ -1470,6 +1588,91 @@ def test_ppl_runs_on_the_real_generator(sel):
     sq = lambda a, b: (a - b).square().flatten(1).sum(1)
     a, b = (metrics.perceptual_path_length(G, 8, sq, batch=4) for _ in range(2))
     assert a == b and 0 < a < float('inf')  # seeded per chunk, const noise
+
+def test_precision_recall_kth_neighbour_radius_by_hand():
+    """k = 3 on the line. Reals {0, 1, 2, 3, 10}: real 0's 3rd-NN radius is 3 (its 2nd-NN radius 2), real 10's
+    is 9 (10 - 1). Fakes {-2.5, 1.5, 20, 30, 40}: -2.5 is covered only by the ball of 0 (2.5 <= 3), 1.5 by
+    several, 20 by none (10 > 9): precision 2/5 (1/5 with the 2nd-NN radius). Fake -2.5's 3rd-NN radius
+    (to 30) is 32.5 and covers every real: recall 1. Then random 2-D sets against a brute-force numpy
+    version (sorted distance rows; column 0 is the point itself)."""
+    real = torch.tensor([[0.], [1], [2], [3], [10]])
+    fake = torch.tensor([[-2.5], [1.5], [20], [30], [40]])
+    assert metrics.precision_recall(real, fake, k=3) == pytest.approx((0.4, 1.0))
+
+    def brute(real, fake, k):
+        d = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+        cov = lambda p, x: (d(p, x) <= np.sort(d(x, x), 1)[:, k][None]).any(1).mean()
+        return cov(fake, real), cov(real, fake)
+
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(40, 2, generator=g, dtype=torch.float64), torch.randn(30, 2, generator=g, dtype=torch.float64) + 1
+    p, r = brute(real.numpy(), fake.numpy(), 3)
+    assert (p, r) != brute(real.numpy(), fake.numpy(), 2)  # the case separates k from k - 1
+    assert metrics.precision_recall(real, fake, k=3, block=16) == pytest.approx((p, r), abs=1e-6)
+
+
+def test_laplacian_pyramid_levels_by_hand():
+    """ProGAN's pyramid by scipy: coarse = every 2nd pixel of the image blurred by the separable binomial
+    [1, 4, 6, 4, 1] / 16 with mirrored borders; band = image - blur of the zero-inserted coarse level with
+    4x that kernel."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 12, generator=g, dtype=torch.float64)
+    lap, coarse = metrics.laplacian_pyramid(x, 2)
+    k1 = np.array([1., 4, 6, 4, 1]) / 16
+    blur = lambda im, gain: scipy.ndimage.convolve(im, gain * np.outer(k1, k1)[None, None], mode='mirror')
+    down = blur(x.numpy(), 1)[:, :, ::2, ::2]
+    up = np.zeros(x.shape)
+    up[:, :, ::2, ::2] = down
+    assert np.allclose(coarse.numpy(), down, atol=1e-12)
+    assert np.allclose(lap.numpy(), x.numpy() - blur(up, 4), atol=1e-12)
+
+
+def test_swd_w1_and_per_channel_normalisation_by_hand():
+    """(a) One channel, one value per descriptor: every unit direction is +-1, so SWD = mean |sorted a' -
+    sorted b'| of the standardised values (ddof 0): a = (0, 1, 2, 3) -> (-3, -1, 1, 3) / sqrt 5,
+    b = (0, 0, 0, 4) -> (-1, -1, -1, 3) / sqrt 3. (b) Two channels on scales 1 and 100, four values each:
+    each set standardised per channel over descriptors and values, then the mean W1 over the directions
+    (drawn as the code documents: randn(C S, dirs) from a Generator seeded with `seed`, unit columns)."""
+    a = torch.tensor([0., 1, 2, 3]).view(4, 1, 1, 1, 1)         # [N, levels, P, C, S]
+    b = torch.tensor([0., 0, 0, 4]).view(4, 1, 1, 1, 1)
+    hand = np.abs(np.array([-3., -1, 1, 3]) / np.sqrt(5) - np.array([-1., -1, -1, 3]) / np.sqrt(3)).mean()
+    assert metrics.sliced_wasserstein(a, b, repeats=2, dirs=3)[0] == pytest.approx(hand, rel=1e-5)
+
+    g = torch.Generator().manual_seed(1)
+    scale = torch.tensor([1., 100.]).view(1, 1, 1, 2, 1)
+    da, db = (torch.randn(3, 1, 4, 2, 4, generator=g) * scale + s for s in (0, 0.5))
+    seed, repeats, dirs = 3, 2, 5
+
+    def norm(d):  # [N, 1, P, C, S] -> [N P, C S]
+        d = d[:, 0].reshape(-1, 2, 4).double().numpy()
+        return ((d - d.mean((0, 2), keepdims=True)) / d.std((0, 2), keepdims=True)).reshape(len(d), -1)
+    gen, w1 = torch.Generator().manual_seed(seed), []
+    for _ in range(repeats):
+        v = torch.randn(8, dirs, generator=gen).double().numpy()
+        v /= np.linalg.norm(v, axis=0)
+        w1.append(np.abs(np.sort(norm(da) @ v, 0) - np.sort(norm(db) @ v, 0)).mean())
+    assert metrics.sliced_wasserstein(da, db, seed=seed, repeats=repeats, dirs=dirs)[0] == pytest.approx(np.mean(w1), rel=1e-4)
+
+
+def test_ppl_trims_below_1st_and_above_99th_percentile():
+    """A stub G and a distance that returns planted values x eps^2: 200 pairs, 198 of them in [1, 2], one 0 and
+    one 1000. numpy's 'lower' 1st percentile of 200 values is the 2nd smallest (index floor(0.01 * 199) = 1),
+    the 'higher' 99th the 2nd largest (index ceil(0.99 * 199) = 198): PPL = the mean of the 198."""
+    g = torch.Generator().manual_seed(0)
+    planted = torch.cat([1 + torch.rand(198, generator=g, dtype=torch.float64), torch.tensor([0., 1000.], dtype=torch.float64)])
+    planted = planted[torch.randperm(200, generator=g)]
+    chunks = iter(planted.split(50))
+
+    class StubG:
+        z_dim = 4
+        sample_heatmaps = staticmethod(lambda batch, device: None)
+        map = staticmethod(lambda z, psi=1.0, heatmaps=None: z[:, None])
+        synthesize = staticmethod(lambda w, noise_mode='const', heatmaps=None: w[:, :, :, None])
+
+    ppl = metrics.perceptual_path_length(StubG(), 200, lambda a, b: next(chunks) * 1e-8, batch=50, epsilon=1e-4,
+                                         log=lambda *a: None)
+    assert ppl == pytest.approx(np.sort(planted.numpy())[1:-1].mean(), rel=1e-9)
+
 
 # ---- evaluate(): end to end, cache, DDP ------------------------------------------------------
 
