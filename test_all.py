@@ -2100,6 +2100,26 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, monkey
     assert load(before[-1])['step'] == 2
 
 
+def test_keep_freed_memory_sets_glibc_options_unless_the_user_did(monkeypatch):
+    """Its effect is measured by the benchmark (README); here: the mallopt calls, and none when a
+    MALLOC_* variable is set or libc cannot be loaded."""
+    calls = []
+    monkeypatch.setattr(train.ctypes, 'CDLL', lambda name: types.SimpleNamespace(mallopt=lambda *a: calls.append(a) or 1))
+    for k in [k for k in os.environ if k.startswith('MALLOC_')]:
+        monkeypatch.delenv(k)
+    train.keep_freed_memory()
+    assert calls == [(-3, 32 << 20), (-1, 16 << 30), (-2, 1 << 30)]  # mmap threshold, trim threshold, top pad
+    monkeypatch.setenv('MALLOC_ARENA_MAX', '2')
+    train.keep_freed_memory()
+    assert len(calls) == 3
+
+    def no_glibc(name):
+        raise OSError(name)
+    monkeypatch.delenv('MALLOC_ARENA_MAX')
+    monkeypatch.setattr(train.ctypes, 'CDLL', no_glibc)
+    train.keep_freed_memory()  # macOS, musl: nothing to do, no error
+
+
 def test_benchmark_mode_times_phases(tmp_path, capsys):
     res = train.main(TINY_FLAGS + ['--out', str(tmp_path / 'bench'), '--bench-steps', '4', '--pl-weight', '2',
                                    '--gamma', '1', '--r1-interval', '2'])
