@@ -354,6 +354,28 @@ def test_r1_and_gradient_penalty_hand_values():
     assert torch.allclose(g, 8 * x)
 
 
+def test_losses_hand_values_with_asymmetric_logits():
+    """Hand values where real and fake logits differ in magnitude: WGAN's drift is 1e-3 E[r^2] on
+    the reals only; 'sat' D uses the nonsat D loss; hinge G is -E[f]."""
+    r, f = torch.tensor([3.0, 1.0]), torch.tensor([0.5, -2.0])
+    sp = lambda x: math.log1p(math.exp(x))
+    assert math.isclose(losses.d_loss('wgan', r, f).item(), (0.5 - 2) / 2 - (3 + 1) / 2 + 1e-3 * (9 + 1) / 2, rel_tol=1e-6)
+    want = (sp(-3) + sp(-1)) / 2 + (sp(0.5) + sp(-2)) / 2
+    assert math.isclose(losses.d_loss('sat', r, f).item(), want, rel_tol=1e-6)
+    assert math.isclose(losses.d_loss('nonsat', r, f).item(), want, rel_tol=1e-6)
+    assert math.isclose(losses.g_loss('hinge', f).item(), 0.75, rel_tol=1e-6)
+    assert math.isclose(losses.d_loss('hinge', r, f).item(), (0 + 0) / 2 + (1.5 + 0) / 2, rel_tol=1e-6)
+
+
+def test_minmax_by_hand():
+    """Per-sample (x - min) / (max - min): [2, 4, 6] -> [0, .5, 1], [-3, 1] -> [0, 1] with a
+    negative minimum, and a constant sample -> zeros; each sample on its own (not the batch's range)."""
+    x = torch.tensor([[2.0, 4.0, 6.0, 5.0], [-3.0, 1.0, -1.0, -3.0], [7.0, 7.0, 7.0, 7.0]]).view(3, 1, 2, 2)
+    want = torch.tensor([[0, 0.5, 1, 0.75], [0, 1, 0.5, 0], [0, 0, 0, 0]]).view(3, 1, 2, 2)
+    assert torch.allclose(losses.minmax(x), want, atol=1e-6)
+    assert torch.allclose(losses.minmax(x + 10), want, atol=1e-6) and torch.allclose(losses.minmax(x * 3), want, atol=1e-6)
+
+
 def test_path_length_penalty_hand_computation():
     """img = (sum over layers of ws) @ M: J^T y = M y for every layer, so the length is ||M y||."""
     torch.manual_seed(0)
@@ -1308,6 +1330,117 @@ def test_loader_workers_match_and_errors_are_one_line(tmp_path):
         next(loader)
     assert '\n' not in str(e.value) and 'Traceback' not in str(e.value)
 
+def test_data_16bit_scaled_by_257_and_rounded():
+    """16-bit pixels map to 8 bits as rint(v / 257) (65535 -> 255): values v = 257 k + 128 sit just
+    below k + 0.5, so they give k exactly (/ 256 would give k + 1, truncation or clipping other
+    values; k = 255 uses 65535). Both the I;16 mode of a 16-bit PNG (via the folder dataset) and PIL's 32-bit 'I'."""
+    k = np.arange(256)
+    v = np.minimum(257 * k + 128, 65535).reshape(16, 16)  # the last one: 65535 -> 255
+    want = np.broadcast_to(k.reshape(16, 16), (3, 16, 16))
+    im16 = Image.fromarray(v.astype(np.uint16))
+    assert im16.mode == 'I;16'
+    assert np.array_equal(np.asarray(data._to_rgb(im16)).transpose(2, 0, 1), want)
+    im32 = Image.fromarray(v.astype(np.int32))
+    assert im32.mode == 'I'
+    assert np.array_equal(np.asarray(data._to_rgb(im32)).transpose(2, 0, 1), want)
+    top = Image.fromarray(np.full((2, 2), 65535, np.uint16))
+    assert np.asarray(data._to_rgb(top)).min() == 255
+
+
+def test_data_16bit_png_through_the_folder_dataset(tmp_path):
+    """The same ramp written as a 16-bit PNG and read back by ImageFolderDataset (16 px, no resize)."""
+    k = np.arange(256)
+    root = tmp_path / 'i16'
+    root.mkdir()
+    Image.fromarray(np.minimum(257 * k + 128, 65535).reshape(16, 16).astype(np.uint16)).save(root / 'ramp.png')
+    ds = data.make_dataset(str(root), 16)
+    assert np.array_equal(ds[0].numpy(), np.broadcast_to(k.reshape(16, 16), (3, 16, 16)))
+
+
+def test_data_exif_rotation_then_centre_crop(tmp_path):
+    """EXIF orientation 6 ('rotate 90 degrees clockwise to display') is applied before the crop:
+    a stored 32 wide x 48 tall image shows 48 wide x 32 tall, np.rot90(a, -1), whose centre crop
+    keeps columns 8..39. Odd margins round the offset down: 49 x 32 keeps columns 8..39
+    ((49 - 32) // 2 = 8), 32 x 51 keeps rows 9..40."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / 'exif'
+    root.mkdir()
+    a = rng.integers(0, 256, (48, 32), dtype=np.uint8)  # [H, W]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(root / 'a_rot.png', exif=exif)
+    wide, tall = rng.integers(0, 256, (32, 49), dtype=np.uint8), rng.integers(0, 256, (51, 32), dtype=np.uint8)
+    Image.fromarray(wide).save(root / 'b_wide.png')
+    Image.fromarray(tall).save(root / 'c_tall.png')
+    ds = data.make_dataset(str(root), 32)
+    assert ds.names == ['a_rot.png', 'b_wide.png', 'c_tall.png']
+    rot = np.rot90(a, -1)  # [32, 48]: out[i, j] = a[47 - j, i]
+    assert rot[0, 0] == a[47, 0] and rot[31, 47] == a[0, 31]
+    for i, want in enumerate([rot[:, 8:40], wide[:, 8:40], tall[9:41]]):
+        assert np.array_equal(ds[i].numpy(), np.broadcast_to(want, (3, 32, 32))), ds.names[i]
+
+
+def test_data_max_images_keeps_the_first_n_good_images(tmp_path, capsys):
+    """--max-images N keeps the first N *good* images in sorted order: a dropped file before them
+    (--skip-bad) does not count, and files after the N-th good one are not even opened.
+    --max-images 0 (or below) keeps nothing and is refused, for folders and the built-in data."""
+    root = str(tmp_path / 'bad')
+    _data_bad_folder(root)  # sorted: fake.jpg (not an image), ok0, ok1, ok2, ok2_trunc, ok3, small.png (too small)
+    ds = data.make_dataset(root, 32, max_images=3, skip_bad=True)
+    assert ds.names == ['ok0.png', 'ok1.png', 'ok2.png'] and [n for n, _ in ds.bad] == ['fake.jpg']
+    os.remove(os.path.join(root, 'fake.jpg'))
+    ds = data.make_dataset(root, 32, max_images=2)  # small.png comes after: never read, no error
+    assert ds.names == ['ok0.png', 'ok1.png'] and ds.bad == [] and ds.name.endswith('-n2')
+    assert len(data.make_dataset(None, 16, max_images=1)) == 1
+    for path in (None, root):
+        for n in (0, -3):
+            with pytest.raises(data.DataError, match=f'--max-images {n} keeps no images'):
+                data.make_dataset(path, 32, max_images=n)
+
+
+def test_synthetic_scene_depends_on_seed_and_index_not_their_sum():
+    """Item i of seed s is drawn from default_rng([s, i]): (s, i) pairs with the same s + i are
+    different scenes (a seed s + i would make seed 1 item 6 == seed 0 item 7), while the same pair
+    gives the same scene in a fresh object."""
+    scenes = [data.SyntheticShapes(16, 10, seed=s).scene(7 - s) for s in range(4)]
+    floors = [sc['floor'] for sc in scenes]
+    assert len(set(floors)) == 4, floors
+    assert not torch.equal(data.SyntheticShapes(16, 10, seed=1)[6], data.SyntheticShapes(16, 10, seed=0)[7])
+    again = data.SyntheticShapes(16, 10, seed=2).scene(5)
+    assert again['floor'] == scenes[2]['floor'] and np.array_equal(again['light'], scenes[2]['light'])
+
+
+def test_synthetic_shadow_only_darkens_the_floor_by_at_most_60_percent(monkeypatch):
+    """With the objects' own drawing switched off, the render is floor x (1 - shadow) with the
+    smoothstep shadow in [0, 0.6]: some pixels darker, none brighter, none below 0.4 x the floor
+    (up to the uint8 rounding of +-0.5)."""
+    ds = data.SyntheticShapes(32, 10)
+    for shape in ('sphere', 'cube', 'cylinder'):
+        monkeypatch.setattr(ds, '_' + shape, lambda *a: None, raising=False)
+    scene = ds.scene(3)
+    floor = np.repeat(ds._floor[None] * scene['floor'], 3, 0) * 255  # [3, H, W], before rounding
+    img = ds.render(scene).astype(np.float64)
+    assert (img <= floor + 0.5 + 1e-6).all()
+    assert (img >= 0.4 * floor - 0.5 - 1e-6).all()
+    darker = img < floor - 3
+    assert darker.sum() > 10 and (img / floor).min() < 0.6  # a visible shadow with a dark core
+    empty = dict(scene, objects=[])
+    assert np.abs(ds.render(empty).astype(np.float64) - floor).max() <= 0.5 + 1e-6
+
+
+def test_loader_mirror_flips_follow_the_position_not_the_item():
+    """The x-flip is drawn per global position, not per dataset item: over 8 epochs of a 10-image
+    dataset every item is seen both flipped and not (a flip tied to the item would show each image
+    in one orientation only, which is no augmentation)."""
+    ds = _IndexedData(10)
+    batches = _data_take(data.InfiniteLoader(ds, 5, seed=3, mirror=True, workers=0), 16)  # 80 positions
+    seen = {}
+    for x in batches:
+        for i, f in zip(_data_ids(x), (x[:, 2, 0, 0] != 0).tolist()):  # column 0 holds 3 when flipped
+            seen.setdefault(i, set()).add(f)
+    assert sorted(seen) == list(range(10)) and all(v == {True, False} for v in seen.values()), seen
+
+
 def test_data_save_grid(tmp_path):
     imgs = torch.stack([data.SyntheticShapes(16, 5)[i] for i in range(5)])
     data.save_grid(imgs, tmp_path / 'g.png')
@@ -1990,6 +2123,173 @@ def test_training_step_maths_by_hand(tmp_path, monkeypatch):
         assert torch.allclose(v, want, atol=1e-6), k
 
 
+def test_log_lines_average_the_steps_since_the_last_line(tmp_path, monkeypatch):
+    """4 steps under a fake clock that advances 5 s per D step with --log-sec 10, so a log line
+    falls after steps 2 and 4: each line's G/loss, D/loss, D/real, D/fake are the
+    plain means of the values of its own two steps (by hand from the losses' inputs and outputs),
+    D/real_min and D/fake_max the min / max logit over those two steps only, and D/r1 (step 0
+    only, --r1-interval 16) appears in the first line only."""
+    import time as _time
+    steps = []
+    real_g, real_d = losses.g_loss, losses.d_loss
+
+    def g_loss(kind, fake, *a):
+        out = real_g(kind, fake, *a)
+        steps.append(dict(g=out.item()))
+        return out
+
+    def d_loss(kind, real, fake):
+        out = real_d(kind, real, fake)
+        steps[-1].update(d=out.item(), real=real.detach().clone(), fake=fake.detach().clone())
+        return out
+    monkeypatch.setattr(losses, 'g_loss', g_loss)
+    monkeypatch.setattr(losses, 'd_loss', d_loss)
+    monkeypatch.setattr(train, 'time', types.SimpleNamespace(time=lambda: 5.0 * len([s for s in steps if 'd' in s]),
+                                                             perf_counter=_time.perf_counter))
+    out = run_train(tmp_path, '--kimg', '0.032', '--log-sec', '10', '--snap-kimg', '1')
+    lines = [json.loads(s) for s in open(f'{out}/log.jsonl')]
+    assert len(steps) == 4 and [line['step'] for line in lines] == [2, 4]
+    for line, two in zip(lines, (steps[:2], steps[2:])):
+        mean = lambda f: sum(f(s) for s in two) / 2
+        assert line['G/loss'] == pytest.approx(mean(lambda s: s['g']), abs=1e-4)
+        assert line['D/loss'] == pytest.approx(mean(lambda s: s['d']), abs=1e-4)
+        assert line['D/real'] == pytest.approx(mean(lambda s: s['real'].mean().item()), abs=1e-4)
+        assert line['D/fake'] == pytest.approx(mean(lambda s: s['fake'].mean().item()), abs=1e-4)
+        assert line['D/real_min'] == pytest.approx(min(s['real'].min().item() for s in two), abs=1e-4)
+        assert line['D/fake_max'] == pytest.approx(max(s['fake'].max().item() for s in two), abs=1e-4)
+    assert 'D/r1' in lines[0] and 'D/r1' not in lines[1]
+
+
+def test_step_randomness_fresh_per_step_and_per_phase(tmp_path, monkeypatch):
+    """Every step draws new latents and noise (the generator is seeded by (seed, step)), and within
+    a step Gmain, Greg (half the batch) and Dmain each take their own draws; D sees the reals as
+    uint8 / 127.5 - 1 (0 -> -1, 255 -> 1), and R1 (step 0, --r1-interval 16) is taken on them."""
+    calls, d_inputs, batches, r1_inputs = [], [], [], []
+    real_r1 = losses.r1_penalty
+    monkeypatch.setattr(losses, 'r1_penalty', lambda img, logits: r1_inputs.append(img.detach().clone()) or real_r1(img, logits))
+    real_forward, real_d_forward, real_next = model.Generator.forward, model.Discriminator.forward, data.InfiniteLoader.__next__
+
+    def g_forward(self, z, *a, **k):
+        if 'mix_cutoff' in k:  # the training phases (the grids use noise_mode='const' and no latents() dict)
+            calls.append(dict(z=z.detach().clone(), noise=[n.clone() for n in k['noise']], ws=k.get('return_ws', False)))
+        return real_forward(self, z, *a, **k)
+    monkeypatch.setattr(model.Generator, 'forward', g_forward)
+    monkeypatch.setattr(model.Discriminator, 'forward', lambda self, img, *a, **k: (
+        d_inputs.append(img.detach().clone()), real_d_forward(self, img, *a, **k))[1])
+    monkeypatch.setattr(data.InfiniteLoader, '__next__', lambda self: batches.append(real_next(self)) or batches[-1])
+    run_train(tmp_path, '--kimg', '0.024', '--snap-kimg', '1', '--pl-weight', '2', '--pl-interval', '2')
+    # phases per step: Gmain (8), Greg on even steps (4 = B // 2), Dmain (8)
+    assert [(c['z'].shape[0], c['ws']) for c in calls] == [(8, False), (4, True), (8, False), (8, False), (8, False),
+                                                           (8, False), (4, True), (8, False)]
+    zs = [c['z'] for c in calls]
+    for i in range(len(zs)):
+        for j in range(i):
+            assert not torch.allclose(zs[i][:4], zs[j][:4]), (i, j)  # no two phases or steps share latents
+    noise0 = [c['noise'][0] for c in calls if c['z'].shape[0] == 8]
+    assert all(n.shape == (8, 1, 4, 4) for n in noise0)
+    assert all(not torch.equal(noise0[i], noise0[j]) for i in range(len(noise0)) for j in range(i))
+    assert all(abs(z.std().item() - 1) < 0.35 for z in zs)  # N(0, I) draws
+    # the reals: batch k of the loader, mapped to [-1, 1], is one of D's inputs at step k
+    assert len(batches) == 3
+    for u8 in batches:
+        want = u8.float() / 127.5 - 1
+        assert want.min() >= -1 and want.max() <= 1
+        assert any(x.shape == want.shape and torch.allclose(x, want, atol=1e-6) for x in d_inputs)
+    assert torch.allclose(torch.tensor([0, 255], dtype=torch.uint8).float() / 127.5 - 1, torch.tensor([-1.0, 1.0]))
+    assert len(r1_inputs) == 1 and torch.allclose(r1_inputs[0], batches[0].float() / 127.5 - 1, atol=1e-6)
+
+
+@pytest.mark.parametrize('batch', [8, 2])
+def test_dmain_shared_reference_pass_splits_fakes_and_reals(tmp_path, monkeypatch, batch):
+    """Reference-attention D: Dmain runs D once on [fakes; reals] with one batch of references and
+    splits the logits; they must equal D(fakes, refs) and D(reals, refs) computed apart (contiguous
+    minibatch-std groups), reals being the primary loader's batch and refs the reference loader's.
+    Batch 2 < --mbstd-group 4: one joint pass would put fakes and reals in one group of 4, so the
+    two passes stay apart (groups of 2) and give the same numbers as computed here."""
+    checked, batches, fakes = [], [], []
+    real_next, real_forward, real_d = data.InfiniteLoader.__next__, model.Generator.forward, losses.d_loss
+    holder = {}
+    monkeypatch.setattr(data.InfiniteLoader, '__next__', lambda self: batches.append(real_next(self)) or batches[-1])
+    monkeypatch.setattr(model.Generator, 'forward', lambda self, *a, **k: fakes.append(real_forward(self, *a, **k)) or fakes[-1])
+    real_build = model.build_networks
+    monkeypatch.setattr(model, 'build_networks', lambda a: holder.setdefault('nets', real_build(a)))
+
+    def d_loss(kind, real_logits, fake_logits):
+        D = holder['nets'][1]
+        real, ref = batches[-2].float() / 127.5 - 1, batches[-1].float() / 127.5 - 1  # primary, then reference loader
+        with torch.no_grad():
+            want_real, want_fake = D(real, ref), D(fakes[-1].detach(), ref)
+        assert torch.allclose(real_logits, want_real, atol=1e-5) and torch.allclose(fake_logits, want_fake, atol=1e-5)
+        assert not torch.allclose(real_logits, fake_logits, atol=1e-3)
+        checked.append(kind)
+        return real_d(kind, real_logits, fake_logits)
+    monkeypatch.setattr(losses, 'd_loss', d_loss)
+    run_train(tmp_path, '--kimg', str(batch / 1000), '--batch', str(batch), '--snap-kimg', '1', '--d-attn', 'ref', '--gamma', '0')
+    assert checked == ['nonsat'] and len(batches) == 2 and not torch.equal(batches[0], batches[1])
+
+
+def test_run_flags_reach_the_data_losses_and_latents(tmp_path, monkeypatch, capsys):
+    """One 4-step run whose flags all show in what the step computes: --max-images 1 with --seed 3
+    makes the 1-image synthetic set of seed 3, so the default warm-up is 20 epochs = 20 images
+    (0.02 kimg): steps at 0, 8, 16 images are non-saturating, the one at 24 contrastive, where
+    --g-form minimax gives G the negated Eq. 2.3 (by hand, as explicit cross-entropies); --mirror
+    and --seed reach the loader (the lone image arrives both as is and x-flipped, in the flip
+    pattern of seed 3); --style-mix 0 passes no mixing latents; --align-tau / --align-truncation
+    reach Eq. 4."""
+    kinds, g_checked, mix, aligns, batches = [], [], [], [], []
+    real_g, real_align, real_forward, real_next = losses.g_loss, losses.align_loss, model.Generator.forward, data.InfiniteLoader.__next__
+
+    def g_loss(kind, fake, real=None, g_form='swap'):
+        kinds.append(kind)
+        out = real_g(kind, fake, real, g_form)
+        if kind == 'contrastive':
+            f, r = fake.detach(), real.detach()
+            assert out.item() == pytest.approx(-(ce_matrix(r, f) + ce_matrix(-f, -r)).item(), rel=1e-5, abs=1e-6)
+            g_checked.append(g_form)
+        return out
+    monkeypatch.setattr(losses, 'g_loss', g_loss)
+    monkeypatch.setattr(losses, 'align_loss', lambda *a, **k: aligns.append(a[3:5]) or real_align(*a, **k))
+    monkeypatch.setattr(model.Generator, 'forward', lambda self, *a, **k: (
+        mix.append(k['mix_z']) if 'mix_cutoff' in k else None, real_forward(self, *a, **k))[1])
+    monkeypatch.setattr(data.InfiniteLoader, '__next__', lambda self: batches.append(real_next(self)) or batches[-1])
+    run_train(tmp_path, '--kimg', '0.032', '--snap-kimg', '1', '--max-images', '1', '--seed', '3', '--loss', 'contrastive',
+              '--g-form', 'minimax', '--mirror', '--style-mix', '0', '--sel', 'norm', '--align-tau', '0.1',
+              '--align-truncation', 'official', '--align-interval', '4')
+    out = capsys.readouterr().out
+    assert '1 images (synthetic-seed3-n1)' in out and 'non-saturating warm-up until 0.02 kimg' in out
+    assert kinds == ['nonsat', 'nonsat', 'nonsat', 'contrastive'] and g_checked == ['minimax']
+    assert len(mix) == 8 and all(m is None for m in mix)
+    assert aligns == [(0.1, 'official')]
+    img = data.SyntheticShapes(16, 1, seed=3)[0]
+    assert not torch.equal(img, img.flip(2))
+    got = torch.cat(batches)  # [32, 3, 16, 16]: every position shows item 0, flipped or not
+    flipped = torch.tensor([torch.equal(x, img.flip(2)) for x in got])
+    assert all(torch.equal(x, img) or f for x, f in zip(got, flipped)) and 0 < flipped.sum() < 32
+    want = torch.cat(_data_take(data.InfiniteLoader(data.SyntheticShapes(16, 1, seed=3), 8, seed=3, mirror=True, workers=0), 4))
+    assert torch.equal(got, want)
+    seed0 = torch.cat(_data_take(data.InfiniteLoader(data.SyntheticShapes(16, 1, seed=3), 8, seed=0, mirror=True, workers=0), 4))
+    assert not torch.equal(got, seed0)
+
+
+def test_wgan_step_adds_ten_times_the_gradient_penalty(tmp_path, monkeypatch):
+    """--loss wgan: Dmain minimises E[f] - E[r] + 1e-3 E[r^2] + 10 GP (Gulrajani et al.'s lambda 10),
+    by hand from the critic logits and the GP terms the step computed; the log's D/loss holds the
+    same sum and D/gp the mean GP."""
+    seen, steps = {}, []
+    real_d, real_gp, real_step = losses.d_loss, losses.wgan_gp, train.phase_step
+    monkeypatch.setattr(losses, 'd_loss', lambda kind, r, f: seen.update(r=r.detach().clone(), f=f.detach().clone()) or real_d(kind, r, f))
+    monkeypatch.setattr(losses, 'wgan_gp', lambda *a, **k: seen.setdefault('gp', real_gp(*a, **k)))
+    monkeypatch.setattr(train, 'phase_step', lambda net, opt, scaler, loss, world: (
+        steps.append(loss.item()), real_step(net, opt, scaler, loss, world)))
+    out = run_train(tmp_path, '--kimg', '0.008', '--snap-kimg', '1', '--loss', 'wgan', '--gamma', '0')
+    r, f, gp = seen['r'], seen['f'], seen['gp'].detach()
+    assert gp.shape == (8,) and gp.mean() > 0
+    want = f.mean().item() - r.mean().item() + 1e-3 * r.square().mean().item() + 10 * gp.mean().item()
+    assert len(steps) == 2 and steps[1] == pytest.approx(want, rel=1e-5, abs=1e-6)  # Gmain, Dmain
+    line = [json.loads(s) for s in open(f'{out}/log.jsonl')][-1]
+    assert line['D/loss'] == pytest.approx(want, abs=1e-4) and line['D/gp'] == pytest.approx(gp.mean().item(), abs=1e-4)
+
+
 def test_metrics_and_snapshots_run_once_per_interval(tmp_path):
     out = run_train(tmp_path, '--kimg', '0.04', '--snap-kimg', '0.02', '--metrics', 'di', '--num-gen', '16',
                     '--metrics-kimg', '0.02')  # batch 8: nimg 8, 16, 24 (crosses 20), 32, 40 (crosses 40, the end)
@@ -2073,7 +2373,8 @@ def test_bad_flags_and_checkpoints_give_one_line_errors(tmp_path, capsys):
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--amp', 'fp16'], 'bf16')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--sel', 'norm', '--align-interval', '0'], '--align-interval 0')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--data', str(tmp_path / 'nowhere')], 'nowhere')
-    for flag, value in [('--batch', '0'), ('--keep', '0'), ('--r1-interval', '0'), ('--workers', '-1'), ('--kimg', '0')]:
+    for flag, value in [('--batch', '0'), ('--keep', '0'), ('--r1-interval', '0'), ('--workers', '-1'), ('--kimg', '0'),
+                        ('--seed', '-1')]:
         expect_error(capsys, TINY_FLAGS + ['--out', out, flag, value], f'{flag} {value} must be')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--device', 'gpu0'], '--device gpu0 is not a device')
     (tmp_path / 'file').write_text('')

@@ -133,7 +133,7 @@ def check_args(args, world, device):
     for flag, value, low in [('--batch', args.batch, 1), ('--mbstd-group', args.mbstd_group, 1), ('--z-dim', args.z_dim, 1),
                              ('--w-dim', args.w_dim, 1), ('--r1-interval', args.r1_interval, 1),
                              ('--pl-interval', args.pl_interval, 1), ('--align-interval', args.align_interval, 1),
-                             ('--keep', args.keep, 1), ('--workers', args.workers, 0)]:
+                             ('--keep', args.keep, 1), ('--workers', args.workers, 0), ('--seed', args.seed, 0)]:
         if value < low:
             raise UserError(f'{flag} {value} must be at least {low}')
     if not args.kimg > 0:
