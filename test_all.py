@@ -3,9 +3,11 @@ The test suite: CPU only, tiny networks, 16-32 px; `python -m pytest -q test_all
 on 2 cores). Formulas are checked against independent hand computations, gradients against autograd
 identities, training against resume and DDP (2 gloo processes) equivalence.
 """
+import copy
 import glob
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -2474,3 +2476,549 @@ def test_model_cli_samples_edits_and_attention_maps(tmp_path, capsys):
     model.main(['--resolution', '16', '--channel-base', '256'])  # the complexity table
     table = capsys.readouterr().out
     assert '+ SAN in G' in table and '+ ref-attn in D' in table
+
+
+# ==============================================================================================
+# model.py, metrics.py, attention.py: details pinned by hand (each test fails under a one-line bug that
+# the tests above let through)
+
+LRELU = lambda t: F.leaky_relu(t, 0.2) * math.sqrt(2)  # noqa: E731
+
+
+def _fir4():
+    f = torch.tensor([1., 3, 3, 1], dtype=torch.float64)
+    return torch.outer(f, f) / 64
+
+
+def _up2(x):
+    """Independent 2x upsampler: zero insertion, then the [1,3,3,1] FIR x 4 with padding [2, 1]."""
+    B, C, H, W = x.shape
+    z = torch.zeros(B, C, 2 * H, 2 * W, dtype=x.dtype)
+    z[:, :, ::2, ::2] = x
+    return F.conv2d(F.pad(z, [2, 1, 2, 1]), (4 * _fir4()).to(x.dtype).expand(C, 1, 4, 4), groups=C)
+
+
+# ==============================================================================================
+# model.py: synthesis layer noise, routing of ws / noise, skip sum, D epilogue, conv_clamp
+
+def test_synthesis_layer_noise_by_hand():
+    """out = lrelu(modconv(x, w) + strength * noise + b) sqrt 2: the noise joins after the conv, before bias
+    and activation, scaled by noise_strength; 'const' uses the layer's own [res, res] buffer as is (rows y,
+    columns x), an explicit [B, 1, res, res] noise replaces it, 'none' adds nothing."""
+    torch.manual_seed(0)
+    m = model.SynthesisLayer(4, 5, 6, res=8).double()
+    with torch.no_grad():
+        m.noise_strength.fill_(0.7)
+        m.bias.normal_()
+        m.affine.bias.normal_()
+    x, w = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    s = w @ m.affine.weight.T / math.sqrt(6) + m.affine.bias
+    y = reference_modconv(x, m.weight, s, demodulate=True, up=1)  # [2, 5, 8, 8]
+    b = m.bias.view(1, -1, 1, 1)
+    noise = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    assert not torch.allclose(m.noise_const, m.noise_const.T)
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=1e-6)  # demodulation runs in fp32
+    assert close(m(x, w, noise_mode='none'), LRELU(y + b))
+    assert close(m(x, w, noise_mode='const'), LRELU(y + 0.7 * m.noise_const + b))
+    assert close(m(x, w, noise=noise), LRELU(y + 0.7 * noise + b))
+
+
+def test_synthesis_consumes_ws_and_noise_in_stylegan2_order():
+    """16x16 G: num_ws = 6 and noise_res = [4, 8, 8, 16, 16]. StyleGAN2's skip G: b4.conv1 takes w0, every
+    toRGB takes the w after its block's convs, which the next block's conv0 shares: (b4.conv1 w0 n0,
+    b4.torgb w1), (b8.conv0 w1 n1, b8.conv1 w2 n2, b8.torgb w3), (b16.conv0 w3 n3, b16.conv1 w4 n4, b16.torgb w5)."""
+    G, _ = tiny()
+    ws = torch.randn(2, G.num_ws, 32)
+    noise = [torch.randn(2, 1, r, r) for r in G.noise_res]
+    seen = []
+    for name, m in G.synthesis.named_modules():
+        if isinstance(m, (model.SynthesisLayer, model.ToRGB)):
+            m.register_forward_pre_hook(lambda mod, args, name=name: seen.append((name, args[1], args[4] if len(args) > 4 else None)))
+    G.synthesize(ws, noise=noise)
+    want = [('b4.conv1', 0, 0), ('b4.torgb', 1, None), ('b8.conv0', 1, 1), ('b8.conv1', 2, 2), ('b8.torgb', 3, None),
+            ('b16.conv0', 3, 3), ('b16.conv1', 4, 4), ('b16.torgb', 5, None)]
+    assert [name for name, _, _ in seen] == [name for name, _, _ in want]
+    for (name, w, n), (_, wi, ni) in zip(seen, want):
+        assert torch.equal(w, ws[:, wi]), name
+        assert (n is None) if ni is None else (n is noise[ni]), name
+
+
+def test_skip_generator_sums_upsampled_torgb_outputs():
+    """Skip architecture: img = up(up(rgb4) + rgb8) + rgb16, up = zero insertion + [1,3,3,1] FIR x 4 (pad [2, 1])."""
+    G, _ = tiny()
+    G = G.double()
+    rgb = []
+    for r in (4, 8, 16):
+        getattr(G.synthesis, f'b{r}').torgb.register_forward_hook(lambda m, i, out: rgb.append(out))
+    img = G(torch.randn(2, 32, dtype=torch.float64), noise_mode='const')
+    assert torch.allclose(img, _up2(_up2(rgb[0]) + rgb[1]) + rgb[2], atol=1e-12)
+
+
+def test_discriminator_epilogue_by_hand():
+    """b4: minibatch-std channel appended last (groups of 4, biased var, + 1e-8, sqrt, mean), 3x3 conv
+    (weights / sqrt((C + 1) 9)) + b, lrelu sqrt 2; flatten (c, y, x); fc / sqrt(16 C) + b, lrelu sqrt 2 = the
+    features; logit = features . w_out / sqrt(C) + b_out, linear (no activation)."""
+    torch.manual_seed(0)
+    C = 4
+    m = model.DiscriminatorEpilogue(C, mbstd_group=4).double()
+    with torch.no_grad():
+        for p in (m.conv.bias, m.fc.bias, m.out.bias):
+            p.normal_()
+    x = torch.randn(8, C, 4, 4, dtype=torch.float64)
+    std = torch.stack([(g.var(0, unbiased=False) + 1e-8).sqrt().mean() for g in x.split(4)])  # [2]
+    h = torch.cat([x, std.repeat_interleave(4).view(8, 1, 1, 1).expand(8, 1, 4, 4)], 1)
+    h = LRELU(F.conv2d(h, m.conv.weight / math.sqrt((C + 1) * 9), m.conv.bias, padding=1))
+    feat = LRELU(h.reshape(8, -1) @ m.fc.weight.T / math.sqrt(16 * C) + m.fc.bias)
+    logit = feat @ m.out.weight[0] / math.sqrt(C) + m.out.bias[0]
+    got_logit, got_feat = m(x)
+    assert torch.allclose(got_feat, feat, atol=1e-12) and torch.allclose(got_logit, logit, atol=1e-12)
+
+
+def test_minibatch_std_of_identical_samples_is_sqrt_eps():
+    """Equal samples in a group: var 0, so the appended channel is sqrt(1e-8) = 1e-4 exactly (per group)."""
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64).repeat_interleave(4, 0)  # groups of 4 equal samples
+    x[4:] += torch.randn(4, 3, 4, 4, dtype=torch.float64)  # the 2nd group differs
+    y = model.minibatch_std(x, 4)[:, 3]
+    assert torch.allclose(y[:4], torch.full((4, 4, 4), 1e-4, dtype=torch.float64), rtol=1e-9)
+    assert (y[4:] > 0.1).all()
+
+
+def test_discriminator_fromrgb_by_hand():
+    """The first D block starts with fromrgb = lrelu(1x1 conv / sqrt(3) + b) sqrt 2 (an activated layer)."""
+    torch.manual_seed(0)
+    m = model.DiscriminatorBlock(0, 4, 6).double()
+    with torch.no_grad():
+        m.fromrgb.bias.normal_()
+    img = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    want = LRELU(torch.einsum('oc,bchw->bohw', m.fromrgb.weight[:, :, 0, 0] / math.sqrt(3), img) + m.fromrgb.bias.view(1, -1, 1, 1))
+    assert torch.allclose(m.fromrgb(img), want, atol=1e-12)
+    assert torch.allclose(m(None, img), m(want), atol=1e-12)
+
+
+def test_conv_clamp_by_hand():
+    """conv_clamp c: a layer's output is clamped to [-c g, c g] after bias, activation and its gain g (D's
+    conv1 and the skip sum use g = sqrt(.5)); both signs are clamped. The skip path (no activation) is not."""
+    torch.manual_seed(0)
+    m = model.Conv(3, 4, 3, conv_clamp=0.5).double()
+    with torch.no_grad():
+        m.bias.normal_()
+    x = 20 * torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    g = math.sqrt(0.5)
+    raw = LRELU(F.conv2d(x, m.weight / math.sqrt(27), m.bias, padding=1)) * g
+    assert raw.max() > 0.5 * g and raw.min() < -0.5 * g  # both bounds are active
+    assert torch.allclose(m(x, gain=g), raw.clamp(-0.5 * g, 0.5 * g), atol=1e-12)
+    assert torch.allclose(m(x), (raw / g).clamp(-0.5, 0.5), atol=1e-12)
+
+
+def test_conv_clamp_reaches_every_layer_of_g_and_d():
+    """tiny(conv_clamp=c) with c small enough that every layer saturates: each synthesis conv and toRGB output
+    lies in [-c, c] and touches the bound; in D, fromrgb, conv0 and the epilogue conv in [-c, c], conv1 in
+    [-c sqrt .5, c sqrt .5]; the 1x1 skip is unclamped."""
+    c = 0.02
+    G, D = tiny(conv_clamp=c)
+    outs = {}
+    for net, kinds in ((G, (model.SynthesisLayer, model.ToRGB)), (D, (model.Conv,))):
+        for name, m in net.named_modules():
+            if isinstance(m, kinds):
+                m.register_forward_hook(lambda mod, i, out, name=name, net=net: outs.__setitem__((id(net), name), out))
+    img = G(torch.randn(4, 32))
+    D(img * 50)
+    g_names = [n for (k, n) in outs if k == id(G)]
+    d_names = [n for (k, n) in outs if k == id(D)]
+    assert len(g_names) == 8 and 'b4.conv' in d_names and 'b16.fromrgb' in d_names
+    for (k, name), out in outs.items():
+        bound = c * (math.sqrt(0.5) if name.endswith('conv1') and k == id(D) else 1)
+        if name.endswith('skip'):
+            assert out.abs().max() > bound * 1.2, name
+            continue
+        assert out.abs().max() <= bound * (1 + 1e-6), name
+        assert out.abs().max() >= bound * (1 - 1e-6), name  # the clamp is active there
+
+
+# ==============================================================================================
+# model.py: EqGAN-SA layers, building / loading checkpoints, the command line helpers
+
+def test_sel_concat_by_hand():
+    """SEL_concat(F, h) = F + alpha lrelu(W [F; h] / sqrt(C + hidden) + b) sqrt 2: the features first, then the
+    encoded heatmap, one 1x1 activated conv, per-channel alpha."""
+    torch.manual_seed(0)
+    C, hid = 4, 3
+    m = model.SELConcat(C, hid).double()
+    with torch.no_grad():
+        m.alpha.copy_(torch.tensor([-1., 0.5, 2, 1]))
+        m.conv.bias.normal_()
+    x, h = torch.randn(2, C, 5, 6, dtype=torch.float64), torch.randn(2, hid, 5, 6, dtype=torch.float64)
+    W = m.conv.weight[:, :, 0, 0] / math.sqrt(C + hid)  # [C, C + hid]
+    y = LRELU(torch.einsum('oc,bchw->bohw', W[:, :C], x) + torch.einsum('oc,bchw->bohw', W[:, C:], h) + m.conv.bias.view(1, -1, 1, 1))
+    assert torch.allclose(m(x, h), x + m.alpha.view(1, -1, 1, 1) * y, atol=1e-12)
+
+
+def test_flatten_heatmaps_and_mapping_extra_input_by_hand():
+    """'flatten' (EqGAN-SA Table 4): flat = [h4 (16 values, row-major), h8 (64), h16 (256)]; the mapping
+    normalises z and the flat maps separately by their RMS, concatenates [z, maps] and runs the FC layers."""
+    sp = sp_make('hier', sel='flatten')
+    h = sp_draw(sp, 2)
+    flat = sp.flat(h)
+    for b, (r, off) in itertools.product(range(2), [(4, 0), (8, 16), (16, 80)]):
+        for y, x in [(0, 0), (1, 2), (r - 1, 0), (r - 1, r - 2)]:
+            assert flat[b, off + r * y + x] == h[f'h{r}'][b, 0, y, x]
+    torch.manual_seed(0)
+    m = model.MappingNetwork(8, 5, num_ws=2, layers=2, extra_dim=6).double()
+    with torch.no_grad():
+        for i in range(2):
+            getattr(m, f'fc{i}').bias.normal_(0, 100)
+    z, e = 3 * torch.randn(4, 8, dtype=torch.float64), 5 * torch.rand(4, 6, dtype=torch.float64) + 1
+    rms = lambda t: (t.square().mean(1, keepdim=True) + 1e-8).sqrt()
+    x = torch.cat([z / rms(z), e / rms(e)], 1)
+    for i, fan_in in enumerate((14, 5)):
+        fc = getattr(m, f'fc{i}')
+        x = LRELU(x @ fc.weight.T * 0.01 / math.sqrt(fan_in) + 0.01 * fc.bias)
+    assert torch.allclose(m(z, extra=e), x[:, None].expand(4, 2, 5), atol=1e-10)
+
+
+def test_build_networks_and_checkpoint_round_trip_every_arch_key(tmp_path):
+    """Every ARCH_KEY set off its TINY value shows in the built networks; a checkpoint dict as train.py writes
+    it loads back into G, D and a separate G_ema with exactly the saved tensors, in eval mode, frozen."""
+    a = dict(resolution=16, z_dim=24, w_dim=16, channel_base=128, channel_max=16, map_layers=3, mbstd_group=2,
+             conv_clamp=0.3, g_attn='san', g_attn_res=16, d_attn='ref', d_attn_res=8, ref_attn_eq=1,
+             sel='concat', heatmap='nonhier')
+    assert set(a) == set(model.ARCH_KEYS)
+    torch.manual_seed(0)
+    G, D = model.build_networks(a)
+    syn = G.synthesis
+    assert G.mapping.fc0.weight.shape == (16, 24) and G.mapping.layers == 3 and hasattr(G.mapping, 'fc2')
+    assert syn.b4.conv1.weight.shape == (16, 16, 3, 3) and syn.b16.conv0.weight.shape == (8, 16, 3, 3)  # min(128 // r, 16)
+    assert isinstance(syn.b16.conv1.attn, attention.SAN) and not hasattr(syn.b8.conv1, 'attn')
+    assert isinstance(D.b8.conv0.attn, attention.RefAttention) and D.b8.conv0.attn.eq == 1 and D.b16.conv0.kind is None
+    assert D.b4.mbstd_group == 2 and D.needs_ref
+    assert {m.conv_clamp for m in G.modules() if isinstance(m, (model.SynthesisLayer, model.ToRGB))} == {0.3}
+    assert D.b8.conv1.conv_clamp == D.b16.fromrgb.conv_clamp == D.b4.conv.conv_clamp == 0.3
+    assert (G.spatial.sel, G.spatial.mode) == ('concat', 'nonhier') and isinstance(syn.b8.sel[0], model.SELConcat)
+    G_ema = copy.deepcopy(G)
+    with torch.no_grad():
+        for p in G_ema.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        G_ema.mapping.w_avg.normal_()
+    saved = dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict())
+    torch.save(dict(saved, args=a, step=7, nimg=112), tmp_path / 'ckpt.pt')
+    out = model.load_checkpoint(str(tmp_path / 'ckpt.pt'))
+    assert (out['step'], out['nimg'], out['args']) == (7, 112, a)
+    assert out['G'] is not out['G_ema']
+    for key in ('G', 'D', 'G_ema'):
+        state = out[key].state_dict()
+        assert state.keys() == saved[key].keys() and all(torch.equal(state[k], saved[key][k]) for k in state), key
+        assert not out[key].training and not any(p.requires_grad for p in out[key].parameters())
+    h = G.sample_heatmaps(2, 'cpu', torch.Generator().manual_seed(0))
+    z = torch.randn(2, 24)
+    with torch.no_grad():
+        assert torch.equal(out['G_ema'](z, heatmaps=h, noise_mode='const'), G_ema.eval()(z, heatmaps=h, noise_mode='const'))
+
+
+def test_to_uint8_and_image_grid_by_hand(tmp_path):
+    """to_uint8: x 127.5 + 128, clamped to [0, 255], truncated (-1 -> 0, 0 -> 128, 1 -> 255, -0.5 -> 64);
+    save_image_grid: image k at row k // cols, column k % cols, empty cells black, each pixel a zoom^2 block."""
+    x = torch.tensor([-2., -1, -0.5, 0, 0.3, 1, 3])
+    assert model.to_uint8(x).tolist() == [0, 0, 64, 128, 166, 255, 255]  # 0.3 -> 166.25
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (5, 3, 2, 3), generator=g, dtype=torch.uint8)  # H = 2, W = 3
+    model.save_image_grid(imgs, tmp_path / 'g.png', cols=3, zoom=2)
+    grid = torch.from_numpy(np.asarray(Image.open(tmp_path / 'g.png')).copy())
+    assert grid.shape == (2 * 2 * 2, 3 * 3 * 2, 3)
+    for k in range(6):
+        r, c = divmod(k, 3)
+        cell = grid[r * 4:(r + 1) * 4, c * 6:(c + 1) * 6]  # [4, 6, 3]
+        want = imgs[k].permute(1, 2, 0) if k < 5 else torch.zeros(2, 3, 3, dtype=torch.uint8)
+        assert torch.equal(cell[::2, ::2], want) and torch.equal(cell[1::2, 1::2], want), k
+
+
+def test_cli_heatmap_centres_and_move(tmp_path, monkeypatch):
+    """`model.py CKPT --heatmap-centers X,Y --move DX,DY --steps 3`: per seed s, z = randn(z_dim) and heatmaps
+    drawn from Generator().manual_seed(s); level 0 placed at (X, Y), the finer 'hier' centres keeping their
+    offsets; column j renders centres + t_j (DX, DY), t = 0, 1/2, 1; the PNG has one row per seed, one column
+    per step, each cell to_uint8 of G(z, heatmaps) with const noise."""
+    G = tiny_g('norm', 'hier').eval()
+    set_alpha(G, 0.5)
+    monkeypatch.setattr(model, 'load_checkpoint', lambda path, device: dict(G_ema=G))
+    calls = []
+    G.register_forward_hook(lambda m, args, kwargs, out: calls.append((args[0], kwargs, out)), with_kwargs=True)
+    model.main(['ckpt.pt', '--seeds', '2,5', '--heatmap-centers', '0.3,0.7', '--move', '0.2,-0.1', '--steps', '3',
+                '--out', str(tmp_path / 'e.png'), '--device', 'cpu'])
+    assert len(calls) == 3
+    seeds = [2, 5]
+    z = torch.stack([torch.randn(32, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    c0 = torch.cat([G.spatial.sample(1, 'cpu', torch.Generator().manual_seed(s))['centers'] for s in seeds])  # [2, 7, 2]
+    placed = c0 - c0[:, :1] + torch.tensor([0.3, 0.7])
+    grid = torch.from_numpy(np.asarray(Image.open(tmp_path / 'e.png')).copy())
+    assert grid.shape == (2 * 16, 3 * 16, 3)
+    for j, (zz, kw, out) in enumerate(calls):
+        t = j / 2
+        assert torch.equal(zz, z) and kw['noise_mode'] == 'const'
+        assert torch.allclose(kw['heatmaps']['centers'], placed + t * torch.tensor([0.2, -0.1]), atol=1e-6), j
+        want = (out * 127.5 + 128).clamp(0, 255).floor().to(torch.uint8).permute(0, 2, 3, 1)  # [2, 16, 16, 3]
+        for i in range(2):
+            assert torch.equal(grid[16 * i:16 * (i + 1), 16 * j:16 * (j + 1)], want[i]), (i, j)
+
+
+# ==============================================================================================
+# metrics.py
+
+class _G32(nn.Module):
+    """A stub G at 32x32 (two SWD levels) drawing z from the global RNG like the real one."""
+    z_dim = 8
+
+    def __init__(self):
+        super().__init__()
+        self.syn = nn.Linear(8, 3 * 32 * 32)
+
+    def forward(self, z):
+        return torch.tanh(2 * self.syn(z)).view(-1, 3, 32, 32)
+
+
+class _Data32(torch.utils.data.Dataset):
+    name, resolution = 'data32', 32
+
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(1)
+        self.x = (F.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=32, mode='bilinear') * 255).to(torch.uint8)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+class _RecD(nn.Module):
+    """A per-sample stub D with reference input: logit and 5 features from channel means and stds."""
+    needs_ref = True
+
+    def __init__(self):
+        super().__init__()
+        self.seen, self.refs = [], []
+
+    def forward(self, img, ref=None, return_features=False):
+        self.seen.append(img.clone())
+        self.refs.append(ref.clone())
+        f = torch.cat([img.mean((2, 3)), img.std((2, 3))[:, :2]], 1)  # [B, 5]
+        logits = 3 * f[:, 0] - f[:, 3]
+        return (logits, f) if return_features else logits
+
+
+def _stub_feats(x8):  # the stub 'Inception': 4 features of uint8 images
+    x = x8.double()
+    return torch.stack([x.mean((1, 2, 3)), x[:, 0].mean((1, 2)), x[:, 1].std((1, 2)), (x[:, 2] / 255).square().mean((1, 2))], 1)
+
+
+def test_evaluate_feeds_each_metric_its_inputs(monkeypatch):
+    """evaluate() on 40 reals and 40 fakes in chunks of 16: the Inception net sees the dataset's uint8 images in
+    order and the fakes quantised as uint8(clamp(x 127.5 + 128, 0, 255)); D sees reals as x / 127.5 - 1 and
+    dataset images (also / 127.5 - 1) as references. Then fid = Frechet distance of the Inception features,
+    DI = min real logit - max fake logit (64 >= 40 samples: every draw takes all), FDDF = Frechet distance
+    of D's features without the logit column, swd avg = mean of its two levels (32, 16)."""
+    seen_inc = []
+
+    def inception(x8, protocol):
+        assert x8.dtype == torch.uint8 and protocol == 'stylegan2'
+        seen_inc.append(x8.clone())
+        return _stub_feats(x8).float()
+
+    monkeypatch.setattr(metrics, '_inception_once', lambda *a: inception)
+    monkeypatch.setattr(metrics, '_REAL_CACHE', {})
+    torch.manual_seed(0)
+    G, D, data = _G32(), _RecD(), _Data32(40)
+    fakes = []
+    G.register_forward_hook(lambda m, i, out: fakes.append(out.detach().clone()))
+    res = metrics.evaluate(['fid40', 'di', 'fddf', 'swd'], G, D, data, 'cpu', batch=16, num_gen=40, log=lambda s: None)
+    reals = data.x
+    fake = torch.cat(fakes)[:40]
+    fake8 = (fake * 127.5 + 128).clamp(0, 255).floor().to(torch.uint8)
+    assert len(seen_inc) == 6  # 3 chunks of reals (indices wrap around), then 3 of fakes
+    assert torch.equal(torch.cat(seen_inc[:3])[:40], reals) and torch.equal(torch.cat(seen_inc[3:])[:40], fake8)
+    d_real, d_fake = torch.cat(D.seen[:3])[:40], torch.cat(D.seen[3:])[:40]
+    assert torch.allclose(d_real, reals.float() / 127.5 - 1) and torch.equal(d_fake, fake)
+    flat = (data.x.float() / 127.5 - 1).flatten(1)
+    for r in torch.cat(D.refs):
+        assert ((flat - r.flatten()).abs().amax(1) < 1e-6).any()  # each reference is a dataset image in [-1, 1]
+    fid = metrics.frechet_distance(*metrics.feature_stats(_stub_feats(reals)), *metrics.feature_stats(_stub_feats(fake8)))
+    assert res['fid40'] == pytest.approx(fid, rel=1e-5)
+    feat = lambda x: torch.cat([x.mean((2, 3)), x.std((2, 3))[:, :2]], 1).double()
+    fr, ff = feat(d_real), feat(d_fake)
+    logit = lambda f: 3 * f[:, 0] - f[:, 3]
+    assert res['di'] == pytest.approx((logit(fr).min() - logit(ff).max()).item(), rel=1e-5)
+    assert res['fddf'] == pytest.approx(metrics.frechet_distance(*metrics.feature_stats(fr), *metrics.feature_stats(ff)), rel=1e-4)
+    assert set(res['swd']) == {'32', '16', 'avg'}
+    assert res['swd']['avg'] == pytest.approx((res['swd']['32'] + res['swd']['16']) / 2, rel=1e-12)
+
+
+def test_kid_subset_size_is_the_smaller_set():
+    """7 distinct fakes, 12 copies of one real r: every subset (size m = min(7, 12) = 7) holds all fakes and 7
+    copies of r, so KID = sum_{i != j} k(x_i, x_j) / 42 + k(r, r) - 2 mean_i k(x_i, r), k = (a.b / d + 1)^3."""
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    k = lambda a, b: (a @ b / 3 + 1) ** 3
+    xx = sum(k(x[i], x[j]) for i in range(7) for j in range(7) if i != j) / 42
+    hand = xx + k(r, r) - 2 * sum(k(x[i], r) for i in range(7)) / 7
+    assert metrics.kernel_inception_distance(r.expand(12, 3), x, num_subsets=4) == pytest.approx(hand.item(), rel=1e-10)
+
+
+def test_inception_input_grayscale_and_pytorch_fid_resize_by_hand():
+    """One-channel images are repeated to RGB. 'pytorch-fid': x / 255 resized by bilinear with half-pixel
+    centres (src = (dst + 0.5) in / out - 0.5, clamped at 0, the last pixel repeated), then 2 v - 1."""
+    g = torch.Generator().manual_seed(0)
+    gray = torch.randint(0, 256, (2, 1, 5, 7), generator=g, dtype=torch.uint8)
+    for protocol in metrics.PROTOCOLS:
+        assert torch.equal(metrics._inception_input(gray, protocol), metrics._inception_input(gray.expand(2, 3, 5, 7), protocol))
+
+    def mat(n_in, n_out):
+        m = torch.zeros(n_out, n_in, dtype=torch.float64)
+        for d in range(n_out):
+            s = max((d + 0.5) * n_in / n_out - 0.5, 0.0)
+            i0 = int(math.floor(s))
+            i1, fr = min(i0 + 1, n_in - 1), s - i0
+            m[d, i0] += 1 - fr
+            m[d, i1] += fr
+        return m
+    x = torch.randint(0, 256, (1, 3, 5, 7), generator=g, dtype=torch.uint8)
+    want = (mat(5, 299) @ (x.double() / 255) @ mat(7, 299).T) * 2 - 1
+    assert torch.allclose(metrics._inception_input(x, 'pytorch-fid').double(), want, atol=1e-5)
+
+
+def test_inception_pools_and_batchnorm_follow_the_tf_graph():
+    """TF's FID graph: BN with eps 1e-3; the 3x3 average pools (Mixed_5x, 6b-e, 7b) ignore the zero padding (a
+    corner averages its 4 in-image values), the pool branch of Mixed_7c is a 3x3 max pool."""
+    torch.manual_seed(0)
+    bn = metrics._BN(3)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(1e-3, 2e-3)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    x = torch.randn(2, 3, 4, 4)
+    want = (x - bn.running_mean.view(1, 3, 1, 1)) / (bn.running_var.view(1, 3, 1, 1) + 1e-3).sqrt() * bn.weight.view(1, 3, 1, 1) + bn.bias.view(1, 3, 1, 1)
+    assert torch.allclose(bn(x), want, atol=1e-5)
+    y = torch.rand(1, 2, 5, 5)
+    p = metrics._avg_pool(y)
+    assert torch.allclose(p[..., 0, 0], y[..., :2, :2].mean((2, 3))) and torch.allclose(p[..., 2, 0], y[..., 1:4, :2].mean((2, 3)))
+    net = metrics.FIDInception()
+    for name, cin, pool in [('Mixed_5b', 192, 'avg'), ('Mixed_6b', 768, 'avg'), ('Mixed_7b', 1280, 'avg'), ('Mixed_7c', 2048, 'max')]:
+        block, got = getattr(net, name), []
+        h = block.branch_pool.register_forward_pre_hook(lambda m, a: got.append(a[0]))
+        x = torch.randn(1, cin, 3, 3)
+        with torch.no_grad():
+            block(x)
+        h.remove()
+        want = F.max_pool2d(x, 3, 1, 1) if pool == 'max' else torch.stack(
+            [torch.stack([x[..., max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].mean((2, 3)) for j in range(3)], -1) for i in range(3)], -2)
+        assert torch.allclose(got[0], want, atol=1e-6), name
+
+
+def test_swd_descriptors_are_laplacian_patches():
+    """Each raw descriptor is the 7x7 patch (C x 49, row-major) of its image's Laplacian level, lying wholly
+    inside the level: it equals one column of F.unfold(level, 7) (no padding)."""
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8)
+    desc = metrics.swd_descriptors(img, seed=5, patches=16)  # [2, 2, 16, 3, 49]
+    levels = metrics.laplacian_pyramid(img.float(), 2)
+    assert desc.shape == (2, 2, 16, 3, 49)
+    for lv, lap in enumerate(levels):
+        cols = F.unfold(lap, 7)  # [2, 3 * 49, L]
+        for n in range(2):
+            d = (cols[n].T[None] - desc[n, lv].flatten(1)[:, None]).abs().amax(2)  # [16, L]
+            assert (d.min(1).values < 1e-4).all(), (lv, n)
+
+
+def test_inception_distance_feeds_unquantised_0_255_floats():
+    """PPL's distance: the net gets cat(a, b) mapped from [-1, 1] to [0, 255] by (x + 1) 127.5, not quantised,
+    with the protocol passed on; d = squared L2 distance of the two halves' features."""
+    seen = []
+
+    def net(x, protocol):
+        seen.append((x.clone(), protocol))
+        return x.flatten(1)[:, :6].square()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 4, 4, generator=g) * 2 - 1, torch.rand(2, 3, 4, 4, generator=g) * 2 - 1
+    d = metrics.inception_distance(net, 'pytorch-fid')(a, b)
+    x, protocol = seen[0]
+    assert protocol == 'pytorch-fid' and torch.allclose(x, torch.cat([(a + 1) * 127.5, (b + 1) * 127.5]), atol=1e-4)
+    fa, fb = (((t + 1) * 127.5).flatten(1)[:, :6].square() for t in (a, b))
+    assert torch.allclose(d, (fa - fb).square().sum(1), rtol=1e-5)
+
+
+def test_ppl_uses_exactly_num_pairs():
+    """num = 6 pairs in chunks of 4: the 2 surplus pairs of the 2nd chunk are dropped; with 6 values the 'lower'
+    1st / 'higher' 99th percentiles are the min and max, so nothing is trimmed: PPL = mean of the first 6."""
+    planted = torch.tensor([1., 2, 3, 4, 5, 6, 100, 200], dtype=torch.float64)
+    chunks = iter(planted.split(4))
+
+    class StubG:
+        z_dim = 4
+        sample_heatmaps = staticmethod(lambda batch, device: None)
+        map = staticmethod(lambda z, psi=1.0, heatmaps=None: z[:, None])
+        synthesize = staticmethod(lambda w, noise_mode='const', heatmaps=None: w[:, :, :, None])
+
+    ppl = metrics.perceptual_path_length(StubG(), 6, lambda a, b: next(chunks) * 1e-8, batch=4, epsilon=1e-4, log=lambda *a: None)
+    assert ppl == pytest.approx(3.5, rel=1e-9)
+
+
+# ==============================================================================================
+# attention.py (DFN) and model.py's attention maps (thesis Fig. 2.5)
+
+def test_dfn_by_hand():
+    """DFN (C = 4, hidden 3): m = mean over H, W of x; h = lrelu(W1 m / sqrt(C) + b1); filters = (W2 h / sqrt(3) + b2)
+    / sqrt(9 C), read as per-sample conv weights [C_out, C_in, 3, 3]; out = x + the zero-padded 3x3 conv of x
+    with them (as unfold + einsum)."""
+    torch.manual_seed(0)
+    B, C, H, W = 2, 4, 5, 6
+    m = attention.DFN(C, hidden=3).double()
+    with torch.no_grad():
+        m.fc1.bias.copy_(torch.tensor([-1., 0.5, 1]))
+        m.fc2.bias.normal_()
+    x = torch.randn(B, C, H, W, dtype=torch.float64) + 0.5 * torch.randn(B, C, 1, 1, dtype=torch.float64)
+    pre = x.mean((2, 3)) @ m.fc1.weight[:, :, 0, 0].T / math.sqrt(C) + m.fc1.bias  # [B, 3]
+    assert (pre < 0).any() and (pre > 0).any()  # both sides of the leaky ReLU
+    h = F.leaky_relu(pre, 0.2)
+    filt = (h @ m.fc2.weight[:, :, 0, 0].T / math.sqrt(3) + m.fc2.bias) / math.sqrt(9 * C)     # [B, C * C * 9]
+    cols = F.unfold(x, 3, padding=1)                                                            # [B, C * 9, H W]
+    y = torch.einsum('bof,bfn->bon', filt.view(B, C, C * 9), cols).view(B, C, H, W)
+    assert torch.allclose(m(x), x + y, atol=1e-12)
+
+
+def test_attention_maps_place_the_kernel_around_the_point():
+    """With fc2's output forced to a one-hot kernel at offset (m0, n0) = (5, 7) of the 9 x 9 patch (weights 0,
+    bias one-hot per group), the map of point (x, y) = (0.3, 0.6) on the 8x8 SAN layer (row i = int(0.6 * 8) =
+    4, column j = int(0.3 * 8) = 2) is 1 at the attended feature pixel (i + m0 - 4, j + n0 - 4) = (5, 5), 0
+    elsewhere; bilinearly upsampled to the image it blends red in by 0.6 a; a 3x3 green dot marks the point."""
+    G = tiny(g_attn='san', g_attn_res=8)[0].eval()
+    san = G.synthesis.b8.conv1.attn
+    s, groups = san.patch, san.groups
+    with torch.no_grad():
+        san.fc2.weight.zero_()
+        san.fc2.bias.copy_(F.one_hot(torch.tensor(5 * s + 7), s * s).double().repeat(groups).float())
+    z = torch.randn(2, 32)
+    with torch.no_grad():
+        out = model.attention_maps(G, z, [(0.3, 0.6)])
+        base = model.to_uint8(G(z, noise_mode='const')).float()
+    canvas = torch.zeros(2, 1, 8, 8)
+    canvas[:, :, 5, 5] = 1
+    a = F.interpolate(canvas, size=(16, 16), mode='bilinear', align_corners=False)
+    want = base * (1 - 0.6 * a) + 0.6 * a * torch.tensor([255., 0, 0]).view(1, 3, 1, 1)
+    py, px = int(0.6 * 16), int(0.3 * 16)
+    want[:, :, py - 1:py + 2, px - 1:px + 2] = torch.tensor([0., 255, 0]).view(1, 3, 1, 1)
+    assert out.shape == (2, 3, 16, 16) and out.dtype == torch.uint8
+    assert (out.float() - want.clamp(0, 255).floor()).abs().max() <= 1
+    assert (out[:, 0].float() - base[:, 0]).abs().amax((1, 2)).min() > 20  # the red overlay is really there
+
+
+def test_style_mixing_truncates_both_latents():
+    """G(z, psi, cutoff, mix_z, mix_cutoff): layer l takes w(z) if l < mix_cutoff else w(mix_z), and the truncation
+    w_avg + psi (w - w_avg) applies to the first `cutoff` layers whichever latent they came from."""
+    G, _ = tiny()
+    with torch.no_grad():
+        G.mapping.w_avg.normal_()
+    z, z2 = torch.randn(3, 32), torch.randn(3, 32)
+    w1, w2, avg = G.map(z)[:, 0], G.map(z2)[:, 0], G.mapping.w_avg  # untruncated: [3, 32]
+    _, ws = G(z, psi=0.5, cutoff=4, mix_z=z2, mix_cutoff=torch.tensor(2), return_ws=True)
+    for layer in range(G.num_ws):
+        w = w1 if layer < 2 else w2
+        want = avg + 0.5 * (w - avg) if layer < 4 else w
+        assert torch.allclose(ws[:, layer], want, atol=1e-6), layer
