@@ -295,8 +295,7 @@ class Generator(nn.Module):
     def __init__(self, resolution, z_dim=512, w_dim=512, channel_base=16384, channel_max=512, map_layers=8,
                  conv_clamp=None, g_attn='none', g_attn_res=32, sel='none', heatmap='hier'):
         super().__init__()
-        log2 = math.log2(resolution)
-        if resolution < 8 or log2 != int(log2):
+        if resolution < 8 or resolution & (resolution - 1):  # not a power of two
             raise ValueError(f'resolution {resolution} is not a power of two >= 8; use e.g. 32, 64 or 256')
         self.z_dim, self.w_dim, self.img_resolution = z_dim, w_dim, resolution
         ch = channels_per_res(channel_base, channel_max, resolution)
@@ -310,7 +309,7 @@ class Generator(nn.Module):
             block = SynthesisBlock(ch[res // 2] if res > 4 else 0, ch[res], w_dim, res, conv_clamp,
                                    attn=g_attn if res == g_attn_res else 'none', sel=sel_layer)
             setattr(self.synthesis, f'b{res}', block)
-        self.num_ws = 2 * int(log2) - 2
+        self.num_ws = 2 * int(math.log2(resolution)) - 2
         extra = self.spatial.flat_dim if self.spatial is not None else 0
         self.mapping = MappingNetwork(z_dim, w_dim, self.num_ws, map_layers, extra_dim=extra)
 
