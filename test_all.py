@@ -1835,11 +1835,13 @@ class TinyG(nn.Module):
 
 
 class TinyData(torch.utils.data.Dataset):
-    name, resolution = 'tiny', 16
+    """n smooth random uint8 images: base x base noise upsampled bilinearly to resolution."""
+    name = 'tiny'
 
-    def __init__(self, n=40):
+    def __init__(self, n=40, resolution=16, base=4):
         g = torch.Generator().manual_seed(1)
-        self.x = (F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=16, mode='bilinear') * 255).to(torch.uint8)
+        self.resolution = resolution
+        self.x = (F.interpolate(torch.rand(n, 3, base, base, generator=g), size=resolution, mode='bilinear') * 255).to(torch.uint8)
 
     def __len__(self):
         return len(self.x)
@@ -2774,20 +2776,6 @@ class _G32(nn.Module):
         return torch.tanh(2 * self.syn(z)).view(-1, 3, 32, 32)
 
 
-class _Data32(torch.utils.data.Dataset):
-    name, resolution = 'data32', 32
-
-    def __init__(self, n):
-        g = torch.Generator().manual_seed(1)
-        self.x = (F.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=32, mode='bilinear') * 255).to(torch.uint8)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i]
-
-
 class _RecD(nn.Module):
     """A per-sample stub D with reference input: logit and 5 features from channel means and stds."""
     needs_ref = True
@@ -2825,7 +2813,7 @@ def test_evaluate_feeds_each_metric_its_inputs(monkeypatch):
     monkeypatch.setattr(metrics, '_inception_once', lambda *a: inception)
     monkeypatch.setattr(metrics, '_REAL_CACHE', {})
     torch.manual_seed(0)
-    G, D, data = _G32(), _RecD(), _Data32(40)
+    G, D, data = _G32(), _RecD(), TinyData(40, resolution=32, base=8)
     fakes = []
     G.register_forward_hook(lambda m, i, out: fakes.append(out.detach().clone()))
     res = metrics.evaluate(['fid40', 'di', 'fddf', 'swd'], G, D, data, 'cpu', batch=16, num_gen=40, log=lambda s: None)
