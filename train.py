@@ -333,8 +333,8 @@ def train(args, rank, world, device):
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     c_G = args.pl_interval / (args.pl_interval + 1) if args.pl_weight > 0 else 1
     c_D = args.r1_interval / (args.r1_interval + 1) if args.gamma > 0 else 1
-    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr * c_G, betas=(0.0, 0.99 ** c_G), eps=1e-8)
-    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr * c_D, betas=(0.0, 0.99 ** c_D), eps=1e-8)
+    opt_G = torch.optim.Adam(G.parameters(), eps=1e-8)  # lr and betas: set below, after a resume too
+    opt_D = torch.optim.Adam(D.parameters(), eps=1e-8)
     scaler_G = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     scaler_D = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     pl_mean = torch.zeros([], device=device)
@@ -355,11 +355,11 @@ def train(args, rank, world, device):
         except (KeyError, RuntimeError, ValueError) as e:
             raise UserError(f'checkpoint {resume} does not fit this code ({type(e).__name__}: '
                             f'{" ".join(str(e).split())[:200]}); use another --out') from None
-        for opt, c in ((opt_G, c_G), (opt_D, c_D)):  # the flags win, e.g. a lower --lr after a divergence
-            for group in opt.param_groups:
-                group.update(lr=args.lr * c, betas=(0.0, 0.99 ** c))
         print0(f'resumed {resume} at kimg {nimg / 1000:.3f} (step {step})', rank=rank)
         del ckpt
+    for opt, c in ((opt_G, c_G), (opt_D, c_D)):  # lazy regularisation; after a resume the flags win (e.g. a lower --lr)
+        for group in opt.param_groups:
+            group.update(lr=args.lr * c, betas=(0.0, 0.99 ** c))
     G_main = torch.compile(G) if args.compile else G  # double-backward phases use the eager modules
     D_main = torch.compile(D) if args.compile else D
 
