@@ -741,9 +741,9 @@ def test_reference_attention_discriminator_is_siamese(res):
 def test_attention_training_steps(tmp_path):
     for g_attn, d_attn, loss in [('san', 'ref', 'contrastive'), ('sagan', 'self', 'hinge'), ('dfn', 'none', 'wgan'),
                                  ('vt', 'ref', 'sat'), ('none', 'self', 'nonsat')]:
-        out = run_train(tmp_path, '--kimg', '0.016', '--g-attn', g_attn, '--g-attn-res', '8', '--d-attn', d_attn,
-                        '--loss', loss, '--warmup-kimg', '0.008', '--gamma', '1', '--r1-interval', '2',
-                        '--pl-weight', '2', '--pl-interval', '2', name=f'{g_attn}-{d_attn}')
+        extra = (['--g-attn-res', '8'] if g_attn != 'none' else []) + (['--warmup-kimg', '0.008'] if loss == 'contrastive' else [])
+        out = run_train(tmp_path, '--kimg', '0.016', '--g-attn', g_attn, '--d-attn', d_attn, '--loss', loss, *extra,
+                        '--gamma', '1', '--r1-interval', '2', '--pl-weight', '2', '--pl-interval', '2', name=f'{g_attn}-{d_attn}')
         ck = load(glob.glob(f'{out}/ckpt-*.pt')[0])
         assert ck['args']['g_attn'] == g_attn and ck['args']['d_attn'] == d_attn
         nets = model.load_checkpoint(glob.glob(f'{out}/ckpt-*.pt')[0])
@@ -2373,6 +2373,20 @@ def test_bad_flags_and_checkpoints_give_one_line_errors(tmp_path, capsys):
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--g-attn', 'san', '--g-attn-res', '12'], '--g-attn-res 12')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--d-attn', 'ref', '--d-attn-res', '12'], '--d-attn-res 12')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--heatmap', 'noise'], '--sel')
+    # a flag changed from its default where it does nothing (the user would think it measured something)
+    for extra, needle in [(['--cam-weights', 'detached'], '--cam-weights does nothing without the alignment loss'),
+                          (['--sel', 'norm', '--no-align', '--align-interval', '4'], '--align-interval does nothing'),
+                          (['--sel', 'norm', '--align-weight', '0', '--align-tau', '0.1'], '--align-tau does nothing'),
+                          (['--no-align'], '--no-align does nothing without --sel'),
+                          (['--g-form', 'minimax'], 'without --loss contrastive'),
+                          (['--loss', 'hinge', '--warmup-kimg', '1'], '--warmup-kimg does nothing'),
+                          (['--g-attn-res', '8'], '--g-attn-res does nothing without --g-attn'),
+                          (['--d-attn-res', '4'], '--d-attn-res does nothing without --d-attn'),
+                          (['--d-attn', 'self', '--ref-attn-eq', '1'], 'without --d-attn ref'),
+                          (['--gamma', '0', '--r1-interval', '4'], 'without a positive --gamma'),
+                          (['--pl-interval', '2'], 'without a positive --pl-weight'),  # the cpu preset: no path length
+                          (['--num-gen', '10'], '--num-gen does nothing without --metrics')]:
+        expect_error(capsys, TINY_FLAGS + ['--out', out, *extra], needle)
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--metrics', 'swd,fid50k3'], 'unknown metric')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--amp', 'fp16'], 'bf16')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--sel', 'norm', '--align-interval', '0'], '--align-interval 0')

@@ -51,7 +51,7 @@ CONFIGS = {
 }
 
 
-def parse_args(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     # data and run
@@ -118,7 +118,11 @@ def parse_args(argv=None):
     a('--metrics-kimg', type=float, help='kimg between metric evaluations (cpu: 5; others: every snapshot)')
     a('--num-gen', type=int, help='override the number of generated images of every metric')
     a('--fid-weights', help='path of the pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth)')
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = make_parser().parse_args(argv)
     for k, v in CONFIGS[args.cfg].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -151,8 +155,26 @@ def check_args(args, world, device):
                 metrics._parse(name, None, 1)
             except ValueError as e:
                 raise UserError(f'--metrics: {e}') from None
-    if args.sel == 'none' and args.heatmap != 'hier':
-        raise UserError('--heatmap only matters with --sel; add --sel norm (or concat/flatten)')
+    # A flag changed from its default in a run where it does nothing is a mistake to point out: the
+    # user would believe they measured its effect. (Preset flags are not listed: presets fill them.)
+    aligning = args.sel != 'none' and not args.no_align and args.align_weight > 0
+    default = make_parser().get_default
+    for key, active, needs in [
+            ('heatmap', args.sel != 'none', '--sel norm (or concat/flatten)'),
+            ('no_align', args.sel != 'none', '--sel norm (or concat/flatten)'),
+            ('align_weight', args.sel != 'none', '--sel norm (or concat/flatten)'),
+            *((k, aligning, 'the alignment loss (--sel without --no-align, --align-weight > 0)')
+              for k in ('align_tau', 'align_truncation', 'cam_weights', 'align_interval')),
+            ('g_form', args.loss == 'contrastive', '--loss contrastive'),
+            ('warmup_kimg', args.loss == 'contrastive', '--loss contrastive'),
+            ('g_attn_res', args.g_attn != 'none', '--g-attn san (or sagan/dfn/vt)'),
+            ('d_attn_res', args.d_attn != 'none', '--d-attn self (or ref)'),
+            ('ref_attn_eq', args.d_attn == 'ref', '--d-attn ref'),
+            ('r1_interval', args.gamma > 0, 'a positive --gamma'),
+            ('pl_interval', args.pl_weight > 0, 'a positive --pl-weight'),
+            ('num_gen', args.metrics not in ('', 'none'), '--metrics')]:
+        if getattr(args, key) != default(key) and not active:
+            raise UserError(f'--{key.replace("_", "-")} does nothing without {needs}; add that or drop the flag')
     if args.amp == 'fp16' and device.type != 'cuda':
         raise UserError('--amp fp16 needs a CUDA GPU (loss scaling); use --amp bf16 on the CPU')
 
