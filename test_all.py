@@ -2084,6 +2084,35 @@ def test_resume_takes_new_lr_and_refuses_another_run_or_a_stale_checkpoint(tmp_p
                  'does not fit this code', 'synthesis.b4.const')
 
 
+def test_resume_evaluates_the_metrics_a_stop_interrupted(tmp_path, monkeypatch):
+    """A step's checkpoint is written before its metrics. A run stopped while evaluating them
+    (simulated: the metrics line and what followed it are missing) evaluates them first when the
+    same command runs again; a run with nothing missing evaluates nothing more."""
+    calls = []
+    monkeypatch.setattr(metrics, 'evaluate', lambda names, G_ema, *a, **k: calls.append(names) or {'m': len(calls)})
+    flags = ['--kimg', '0.024', '--snap-kimg', '0.008', '--metrics', 'swd2k', '--metrics-kimg', '0.008', '--keep', '5']
+    out = run_train(tmp_path, *flags)
+    records = lambda: [json.loads(line) for line in open(f'{out}/log.jsonl')]
+    measured = lambda: [r['step'] for r in records() if 'metrics' in r]
+    assert measured() == [1, 2, 3] and len(calls) == 3
+    # stopped while evaluating step 2's metrics: ckpt-0000002 written, its metrics line not
+    os.remove(f'{out}/ckpt-0000003.pt')
+    kept = [r for r in records() if r['step'] < 2 or r['step'] == 2 and 'metrics' not in r]
+    with open(f'{out}/log.jsonl', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+    run_train(tmp_path, *flags)
+    assert measured() == [1, 2, 3] and len(calls) == 5 and calls[3] == ['swd2k']
+    assert [r['step'] for r in records()] == [1, 1, 2, 2, 3, 3]  # in order, each once
+    # stopped during the final evaluation: the same command evaluates it and trains nothing
+    kept = records()[:-1]
+    with open(f'{out}/log.jsonl', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+    run_train(tmp_path, *flags)
+    assert measured() == [1, 2, 3] and len(calls) == 6
+    run_train(tmp_path, *flags)  # complete: nothing to do
+    assert len(calls) == 6 and len(records()) == 6
+
+
 def test_training_step_maths_by_hand(tmp_path, monkeypatch):
     """One 4-step run checked against hand values: lazy R1 / path length weights (x interval) and
     their Adam lr x I / (I + 1), the EMA with its ramp-up, the contrastive loss's non-saturating

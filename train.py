@@ -244,7 +244,11 @@ def print0(*a, rank=0, **k):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: plain dicts of tensors and numbers, written to a temporary file and renamed.
 
-def checkpoint_paths(out):
+def checkpoint_name(step):
+    return f'ckpt-{step:07d}.pt'
+
+
+def checkpoint_paths(out):  # oldest first: the names sort by step
     return sorted(glob.glob(os.path.join(out, 'ckpt-*.pt')))
 
 
@@ -305,7 +309,7 @@ def load_resume(path, args, device):
     if args.resume == 'auto' and diff:
         raise UserError(f'{args.out} holds a run with other settings: {"; ".join(diff)}; rerun with its flags, use '
                         f'another --out, or pass --resume {path} to continue it with these on purpose')
-    newer = [p for p in checkpoint_paths(args.out) if int(os.path.basename(p)[5:-3]) > ckpt['step']]
+    newer = [p for p in checkpoint_paths(args.out) if os.path.basename(p) > checkpoint_name(ckpt['step'])]
     if newer:
         raise UserError(f'{args.out} holds checkpoints past step {ckpt["step"]} ({os.path.basename(newer[-1])}), '
                         f'which a later --resume auto would take: delete them or use another --out')
@@ -537,9 +541,27 @@ def train(args, rank, world, device):
         state = dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), opt_G=opt_G.state_dict(),
                      opt_D=opt_D.state_dict(), scaler_G=scaler_G.state_dict(), scaler_D=scaler_D.state_dict(),
                      pl_mean=pl_mean, step=step, nimg=nimg, args=vars(args))
-        save_checkpoint(os.path.join(args.out, f'ckpt-{step:07d}.pt'), state, args.keep)
+        save_checkpoint(os.path.join(args.out, checkpoint_name(step)), state, args.keep)
 
-    logf = open(trim_log(os.path.join(args.out, 'log.jsonl'), step), 'a') if rank == 0 else None
+    def measure():  # the in-loop metrics of G_ema at this nimg, one log.jsonl line; returns the seconds taken
+        t0 = time.time()
+        res = metrics.evaluate(names, G_ema, D, dataset, device, rank, world, num_gen=args.num_gen,
+                               fid_weights=args.fid_weights, cache_dir=os.path.join(args.out, 'cache'),
+                               seed=args.seed, amp=args.amp, log=lambda s: print0(s, rank=rank))
+        if logf:
+            logf.write(json.dumps(dict(kimg=round(nimg / 1000, 3), step=step, metrics=res)) + '\n')
+            logf.flush()
+        print0(f'metrics at kimg {nimg / 1000:.2f} ({time.time() - t0:.1f} s): {json.dumps(res)}', rank=rank)
+        return time.time() - t0
+
+    metrics_due = lambda: names and (due(args.metrics_kimg or args.snap_kimg) or nimg >= total)
+    log_path = os.path.join(args.out, 'log.jsonl')
+    logged = trim_log(log_path, step) if rank == 0 else []
+    logf = open(log_path, 'a') if rank == 0 else None
+    # The checkpoint is written before its step's metrics: a run stopped while evaluating them
+    # evaluates them first when it resumes.
+    if step > 0 and metrics_due() and agree(not any('metrics' in r and r['step'] == step for r in logged)):
+        measure()
     t_log = t_start = time.time()
     n_log, saved = nimg, step
     print0(f'training to {args.kimg} kimg with the {args.loss} loss'
@@ -578,16 +600,8 @@ def train(args, rank, world, device):
             snapshot(args, rank, world, device, step, nimg, G, G_ema, lambda: checkpoint(step, nimg),
                      grid_z if rank == 0 else None, grid_h if rank == 0 else None)
             saved = step
-        if names and (due(args.metrics_kimg or args.snap_kimg) or done):
-            t0 = time.time()
-            res = metrics.evaluate(names, G_ema, D, dataset, device, rank, world, num_gen=args.num_gen,
-                                   fid_weights=args.fid_weights, cache_dir=os.path.join(args.out, 'cache'),
-                                   seed=args.seed, amp=args.amp, log=lambda s: print0(s, rank=rank))
-            if logf:
-                logf.write(json.dumps(dict(kimg=round(nimg / 1000, 3), step=step, metrics=res)) + '\n')
-                logf.flush()
-            print0(f'metrics at kimg {nimg / 1000:.2f} ({time.time() - t0:.1f} s): {json.dumps(res)}', rank=rank)
-            t_log += time.time() - t0  # metric time does not count as training speed
+        if metrics_due():
+            t_log += measure()  # metric time does not count as training speed
     print0(f'done: {nimg / 1000:.2f} kimg in {fmt_time(time.time() - t_start)}; checkpoints in {args.out}', rank=rank)
 
 
@@ -606,7 +620,7 @@ def reduced_stats(stats, extremes, world):
 
 def trim_log(path, step):
     """A resumed run drops the log lines past its checkpoint's step (it writes them again); a new run
-    starts an empty log. Returns path."""
+    starts an empty log. Returns the records kept."""
     keep = []
     if os.path.isfile(path):
         for line in open(path):
@@ -618,7 +632,7 @@ def trim_log(path, step):
     with open(path + '.tmp', 'w') as f:
         f.writelines(keep)
     os.replace(path + '.tmp', path)
-    return path
+    return [json.loads(line) for line in keep]
 
 
 def snapshot(args, rank, world, device, step, nimg, G, G_ema, checkpoint, grid_z, grid_h):
