@@ -2156,6 +2156,17 @@ def test_training_step_maths_by_hand(tmp_path, monkeypatch):
         assert torch.allclose(v, want, atol=1e-6), k
 
 
+def test_style_mixing_cutoffs_cover_every_layer_boundary(tmp_path, monkeypatch):
+    """--style-mix 1: the cut-off is uniform over [1, num_ws), as the official random_(1, num_ws):
+    over 40 steps (80 draws, Gmain and Dmain) every boundary of the 6 ws at 16 px appears, no other."""
+    cuts = []
+    real_forward = model.Generator.forward
+    monkeypatch.setattr(model.Generator, 'forward', lambda self, *a, **k: (
+        cuts.append(int(k['mix_cutoff'])) if 'mix_cutoff' in k else None, real_forward(self, *a, **k))[1])
+    run_train(tmp_path, '--kimg', '0.32', '--snap-kimg', '1', '--style-mix', '1')
+    assert len(cuts) == 80 and sorted(set(cuts)) == [1, 2, 3, 4, 5]
+
+
 def test_log_lines_average_the_steps_since_the_last_line(tmp_path, monkeypatch):
     """4 steps under a fake clock that advances 5 s per D step with --log-sec 10, so a log line
     falls after steps 2 and 4: each line's G/loss, D/loss, D/real, D/fake are the
