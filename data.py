@@ -19,7 +19,7 @@ Run alone (writes a grid of one batch, prints the dataset size and loading speed
     python data.py --data ~/photos --check           # decode every image, list all bad files
     python data.py --resolution 32 --workers 0 --batch 256   # synthetic img/s on one core
 """
-import argparse, functools, hashlib, io, math, os, sys, time, zipfile
+import argparse, functools, hashlib, io, math, os, signal, sys, threading, time, zipfile
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -381,6 +381,17 @@ class _Batches(torch.utils.data.Dataset):  # key (indices [b], flips [b]) -> a w
         images[flip] = images[flip].flip(3)                                       # all x-flips in one op
         return images
 
+def _leave_stop_signals_to_main(worker_id):
+    # Ctrl-C reaches the whole process group, a cluster's SIGTERM every process. A worker stays up
+    # 10 s, so that the main process gets the batch it may be fetching (it then fetches no more,
+    # saves and exits: train.py), and exits with status 0, which the main process takes for no crash.
+    def later(*_):
+        timer = threading.Timer(10, os._exit, (0,))
+        timer.daemon = True  # a worker that the main process ends sooner does not wait for it
+        timer.start()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, later)
+
 class InfiniteLoader:
     """Iterator over this rank's uint8 batches [batch_size, 3, H, W] (batch_size is per rank), forever."""
 
@@ -389,7 +400,7 @@ class InfiniteLoader:
         sampler = _BatchSampler(len(dataset), batch_size, rank, world_size, seed, start_nimg, mirror)
         self._iter = iter(torch.utils.data.DataLoader(  # batch_size=None: each sampler item is one whole batch
             _Batches(dataset), sampler=sampler, batch_size=None, num_workers=workers, pin_memory=self.device.type == 'cuda',
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None))
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, worker_init_fn=_leave_stop_signals_to_main))
 
     def __iter__(self):
         return self

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import types
@@ -2392,6 +2393,55 @@ def test_ddp_two_processes_match_one(tmp_path):
     for x, y in zip(*logs):  # the log line holds the whole batch's numbers, not rank 0's half
         for k in ('G/loss', 'D/loss', 'D/r1', 'D/real_min', 'D/fake_max'):
             assert (k in x) == (k in y) and x.get(k, 0) == pytest.approx(y.get(k, 0), rel=1e-3, abs=1e-4), k
+
+
+def test_stop_signals_save_a_checkpoint_and_the_same_command_resumes(tmp_path):
+    """Ctrl-C (SIGINT to the process group) and a cluster's SIGTERM (to every process: loader workers,
+    and under torchrun the launcher, which sends it on again): no more batches, a log line and a
+    checkpoint of the steps done, exit status 128 + signal (torchrun reports its own), and the same
+    command continues from that step."""
+    flags = TINY_FLAGS + ['--workers', '1', '--kimg', '100', '--snap-kimg', '50']
+    ddp = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', str(30500 + os.getpid() % 1000)]
+    for name, sig, launcher in [('int', signal.SIGINT, [sys.executable]), ('term', signal.SIGTERM, [sys.executable]),
+                                ('ddp', signal.SIGTERM, ddp)]:
+        out = str(tmp_path / name)
+        p = subprocess.Popen(launcher + [os.path.join(HERE, 'train.py'), *flags, '--out', out], cwd=tmp_path, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                             env=dict(os.environ, OMP_NUM_THREADS='1'))
+        for line in p.stdout:  # training: the handlers are in place
+            if line.startswith('kimg'):
+                break
+        os.killpg(p.pid, sig)
+        stdout, stderr = p.communicate(timeout=120)
+        assert f'{sig.name}: stopping after this step' in stderr and 'stopped at kimg' in stdout, (name, stdout, stderr[-3000:])
+        assert p.returncode == (128 + sig if name != 'ddp' else 1)
+        ckpts = glob.glob(f'{out}/ckpt-*.pt')
+        step = load(ckpts[0])['step']
+        assert len(ckpts) == 1 and step >= 1
+        assert [json.loads(line) for line in open(f'{out}/log.jsonl')][-1]['step'] == step  # logged up to it
+        train.main(flags + ['--out', out, '--workers', '0', '--kimg', str((step + 1) * 8 / 1000)])
+        assert load(f'{out}/{train.checkpoint_name(step + 1)}')['nimg'] == (step + 1) * 8
+
+
+def test_stop_requests_ignore_repeats_but_a_later_ctrl_c_stops_at_once(tmp_path, capsys, monkeypatch):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with train.stop_requests(rank=0) as stop:
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):  # a launcher passing it on; an early Ctrl-C
+            os.kill(os.getpid(), sig)
+        assert [s for s, _ in stop] == [signal.SIGTERM]
+        monkeypatch.setattr(train.time, 'time', lambda: stop[0][1] + 3)
+        os.kill(os.getpid(), signal.SIGTERM)  # a repeated SIGTERM never forces
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C more than 2 s later
+            train.time.sleep(1)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert capsys.readouterr().err.count('SIGTERM: stopping after this step') == 1
+    monkeypatch.undo()
+    monkeypatch.setattr(train, 'train', lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY_FLAGS + ['--out', str(tmp_path / 'r')])
+    assert e.value.code == 130 and capsys.readouterr().err == \
+        'error: interrupted; the same command resumes from the last checkpoint\n'
 
 
 def expect_error(capsys, argv, *needles):

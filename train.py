@@ -21,6 +21,7 @@ import glob
 import json
 import os
 import resource
+import signal
 import sys
 import time
 
@@ -323,16 +324,45 @@ def main(argv=None):
     try:
         rank, world, device = init_distributed(args.device)
         check_args(args, world, device)
-        train(args, rank, world, device)
+        code = train(args, rank, world, device)
         if world > 1:  # leave together: a rank tearing gloo down while rank 0 still writes can abort
             dist.barrier()
     except (UserError, data.DataError) as e:
         msg = str(e).strip().splitlines()[-1]  # errors re-raised from loader workers carry a traceback
         print(f'error: {msg}', file=sys.stderr, flush=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print('error: interrupted; the same command resumes from the last checkpoint', file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if code:
+        sys.exit(code)
+
+
+@contextlib.contextmanager
+def stop_requests(rank):
+    """While this is active, SIGINT (Ctrl-C) or SIGTERM (a cluster preempting the job) asks the loop
+    to stop after the current step with a checkpoint; yields the list the first signal is put in.
+    Launchers pass a signal on to their workers (torchrun), so repeats are ignored, except a Ctrl-C
+    more than 2 s after the first: that one stops at once."""
+    got = []
+
+    def handler(signum, frame):
+        if not got:
+            got.append((signum, time.time()))
+            if rank == 0:  # stderr: stdout may be in the middle of a log line
+                print(f'\n{signal.Signals(signum).name}: stopping after this step with a checkpoint '
+                      f'(Ctrl-C again to stop at once)', file=sys.stderr, flush=True)
+        elif signum == signal.SIGINT and time.time() - got[0][1] > 2:
+            raise KeyboardInterrupt
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def train(args, rank, world, device):
@@ -522,7 +552,8 @@ def train(args, rank, world, device):
         return timings
 
     if bench:
-        return benchmark(args, train_step, loader, ref_loader, device, B)
+        benchmark(args, train_step, loader, ref_loader, device, B)
+        return 0
 
     # The loop
     total = int(args.kimg * 1000)
@@ -530,12 +561,12 @@ def train(args, rank, world, device):
     names = [m for m in args.metrics.split(',') if m and m != 'none']
     ctl = dist.new_group(backend='gloo') if world > 1 else None  # host-side flags, no device sync
 
-    def agree(flag):  # rank 0's decision on every process (its clock decides when to log)
+    def agree(flag, anyone=False):  # (rank 0's flag, whether any process set `anyone`), the same on every process
         if world == 1:
-            return flag
-        t = torch.tensor([int(flag)])
-        dist.broadcast(t, 0, group=ctl)
-        return bool(t.item())
+            return flag, anyone
+        t = torch.tensor([int(flag and rank == 0), int(anyone)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctl)
+        return bool(t[0]), bool(t[1])
 
     def checkpoint(step, nimg):  # the weights are the same on every process: any one of them may write them
         state = dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), opt_G=opt_G.state_dict(),
@@ -560,49 +591,66 @@ def train(args, rank, world, device):
     logf = open(log_path, 'a') if rank == 0 else None
     # The checkpoint is written before its step's metrics: a run stopped while evaluating them
     # evaluates them first when it resumes.
-    if step > 0 and metrics_due() and agree(not any('metrics' in r and r['step'] == step for r in logged)):
+    if step > 0 and metrics_due() and agree(not any('metrics' in r and r['step'] == step for r in logged))[0]:
         measure()
+
+    def log_line():  # the means since the last line (all processes), console and log.jsonl
+        nonlocal t_log, n_log
+        vals = reduced_stats(stats, extremes, world)
+        bad = [k for k, v in vals.items() if v != v or abs(v) == float('inf')]
+        if bad:
+            raise UserError(f'non-finite {", ".join(bad)} at kimg {nimg / 1000:.2f}; {last_good(args.out)}, or --amp none')
+        dt, t_log = time.time() - t_log, time.time()
+        ips = (nimg - n_log) / dt
+        n_log = nimg
+        eta = (total - nimg) / max(ips, 1e-8)
+        line = dict(kimg=round(nimg / 1000, 3), step=step, sec_per_kimg=round(1000 / max(ips, 1e-8), 2),
+                    img_per_sec=round(ips, 2), mem_gb=round(peak_memory_gb(device), 3), **{k: round(v, 4) for k, v in vals.items()})
+        print0(f'kimg {nimg / 1000:8.2f} | sec/kimg {line["sec_per_kimg"]:7.2f} | img/s {ips:7.1f} | ETA {fmt_time(eta)} | '
+               + ' '.join(f'{k} {v:.3f}' for k, v in vals.items()) + f' | mem {line["mem_gb"]:.2f} GB', rank=rank)
+        if logf:
+            logf.write(json.dumps(line) + '\n')
+            logf.flush()
+        stats.clear()
+        extremes.clear()
+
+    def save():  # image grid and checkpoint of this step
+        snapshot(args, rank, world, device, step, nimg, G, G_ema, lambda: checkpoint(step, nimg),
+                 grid_z if rank == 0 else None, grid_h if rank == 0 else None)
+
     t_log = t_start = time.time()
     n_log, saved = nimg, step
     print0(f'training to {args.kimg} kimg with the {args.loss} loss'
            + (f' (non-saturating warm-up until {args.warmup_kimg:g} kimg)' if args.loss == 'contrastive' else ''), rank=rank)
-    while nimg < total:
-        try:
-            real_u8 = next(loader)
-            ref_u8 = next(ref_loader) if ref_loader is not None else None
-        except data.DataError:  # e.g. a truncated image: keep the steps since the last snapshot
-            if step > saved and all(torch.isfinite(p).all() for p in G.parameters()):
-                checkpoint(step, nimg)
-            raise
-        train_step(step, real_u8, ref_u8)
-        step += 1
-        nimg += B
-        done = nimg >= total
-        if agree(time.time() - t_log >= args.log_sec or done):
-            vals = reduced_stats(stats, extremes, world)
-            bad = [k for k, v in vals.items() if v != v or abs(v) == float('inf')]
-            if bad:
-                raise UserError(f'non-finite {", ".join(bad)} at kimg {nimg / 1000:.2f}; {last_good(args.out)}, or --amp none')
-            dt, t_log = time.time() - t_log, time.time()
-            ips = (nimg - n_log) / dt
-            n_log = nimg
-            eta = (total - nimg) / max(ips, 1e-8)
-            line = dict(kimg=round(nimg / 1000, 3), step=step, sec_per_kimg=round(1000 / max(ips, 1e-8), 2),
-                        img_per_sec=round(ips, 2), mem_gb=round(peak_memory_gb(device), 3), **{k: round(v, 4) for k, v in vals.items()})
-            print0(f'kimg {nimg / 1000:8.2f} | sec/kimg {line["sec_per_kimg"]:7.2f} | img/s {ips:7.1f} | ETA {fmt_time(eta)} | '
-                   + ' '.join(f'{k} {v:.3f}' for k, v in vals.items()) + f' | mem {line["mem_gb"]:.2f} GB', rank=rank)
-            if logf:
-                logf.write(json.dumps(line) + '\n')
-                logf.flush()
-            stats.clear()
-            extremes.clear()
-        if due(args.snap_kimg) or done:
-            snapshot(args, rank, world, device, step, nimg, G, G_ema, lambda: checkpoint(step, nimg),
-                     grid_z if rank == 0 else None, grid_h if rank == 0 else None)
-            saved = step
-        if metrics_due():
-            t_log += measure()  # metric time does not count as training speed
+    with stop_requests(rank) as stop:  # Ctrl-C / SIGTERM: no more batches; log, save, exit
+        while nimg < total:
+            if agree(False, bool(stop))[1]:  # any process's signal, checked before a batch is fetched
+                if stats:
+                    log_line()
+                if step > saved:
+                    save()
+                print0(f'stopped at kimg {nimg / 1000:.2f} with a checkpoint; the same command resumes', rank=rank)
+                return 128 + (stop[0][0] if stop else signal.SIGTERM)  # the shell's code for "ended by a signal"
+            try:
+                real_u8 = next(loader)
+                ref_u8 = next(ref_loader) if ref_loader is not None else None
+            except data.DataError:  # e.g. a truncated image: keep the steps since the last snapshot
+                if step > saved and all(torch.isfinite(p).all() for p in G.parameters()):
+                    checkpoint(step, nimg)
+                raise
+            train_step(step, real_u8, ref_u8)
+            step += 1
+            nimg += B
+            done = nimg >= total
+            if agree(time.time() - t_log >= args.log_sec or done)[0]:
+                log_line()
+            if due(args.snap_kimg) or done:
+                save()
+                saved = step
+            if metrics_due():
+                t_log += measure()  # metric time does not count as training speed
     print0(f'done: {nimg / 1000:.2f} kimg in {fmt_time(time.time() - t_start)}; checkpoints in {args.out}', rank=rank)
+    return 0
 
 
 def reduced_stats(stats, extremes, world):
@@ -691,7 +739,6 @@ def benchmark(args, train_step, loader, ref_loader, device, B):
     print(f'bench: {res["img_per_sec"]} img/s, {res["ms_per_step"]} ms/step, peak {res["peak_mem_gb"]} GB; '
           f'ms per phase occurrence: {res["phases_ms"]} over {res["phase_counts"]} occurrences', flush=True)
     print(json.dumps(dict(bench=res, args=vars(args))), flush=True)
-    return res
 
 
 def count(net):
