@@ -11,7 +11,8 @@ Dmain, Dreg (R1, lazy), EMA, logs, snapshots, in-loop metrics.
   python train.py --cfg cpu --bench-steps 20                # speed benchmark, no files written
 
 To resume, run the same command again (--resume auto is the default): the run continues with the
-same step, optimizer state, EMA, data order and random numbers, as if it had never stopped.
+same step, optimizer state, EMA, data order and random numbers, as if it had never stopped. Ctrl-C or
+SIGTERM (a cluster's preemption) ends a run after its current step with a checkpoint.
 """
 import argparse
 import contextlib
