@@ -2114,6 +2114,21 @@ def test_resume_evaluates_the_metrics_a_stop_interrupted(tmp_path, monkeypatch):
     assert len(calls) == 6 and len(records()) == 6
 
 
+def test_resume_may_switch_to_fp16_loss_scaling(tmp_path, monkeypatch):
+    """A run without fp16 saves empty GradScaler states; resumed with --amp fp16 (a GPU flag, let
+    through on the CPU here) the scalers start a new scale instead of failing to load them; the
+    fp16 run's scale then goes to its checkpoint and back."""
+    real_check = train.check_args
+    monkeypatch.setattr(train, 'check_args', lambda args, world, device: real_check(args, world, torch.device('cuda')))
+    out = run_train(tmp_path, '--kimg', '0.008')
+    assert load(f'{out}/ckpt-0000001.pt')['scaler_G'] == {}
+    run_train(tmp_path, '--kimg', '0.016', '--amp', 'fp16')
+    saved = load(f'{out}/ckpt-0000002.pt')['scaler_G']
+    assert saved['scale'] > 0
+    run_train(tmp_path, '--kimg', '0.024', '--amp', 'fp16')
+    assert load(f'{out}/ckpt-0000003.pt')['scaler_G']['_growth_tracker'] == saved['_growth_tracker'] + 1
+
+
 def test_training_step_maths_by_hand(tmp_path, monkeypatch):
     """One 4-step run checked against hand values: lazy R1 / path length weights (x interval) and
     their Adam lr x I / (I + 1), the EMA with its ramp-up, the contrastive loss's non-saturating

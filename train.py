@@ -405,8 +405,9 @@ def train(args, rank, world, device):
                 net.load_state_dict(ckpt[key])
             opt_G.load_state_dict(ckpt['opt_G'])
             opt_D.load_state_dict(ckpt['opt_D'])
-            scaler_G.load_state_dict(ckpt['scaler_G'])
-            scaler_D.load_state_dict(ckpt['scaler_D'])
+            for scaler, key in [(scaler_G, 'scaler_G'), (scaler_D, 'scaler_D')]:
+                if ckpt[key]:  # empty from a run without fp16: a switch to --amp fp16 starts a new scale
+                    scaler.load_state_dict(ckpt[key])
             pl_mean.copy_(ckpt['pl_mean'])
             step, nimg = ckpt['step'], ckpt['nimg']
         except (KeyError, RuntimeError, ValueError) as e:
