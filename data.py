@@ -381,16 +381,28 @@ class _Batches(torch.utils.data.Dataset):  # key (indices [b], flips [b]) -> a w
         images[flip] = images[flip].flip(3)                                       # all x-flips in one op
         return images
 
-def _leave_stop_signals_to_main(worker_id):
-    # Ctrl-C reaches the whole process group, a cluster's SIGTERM every process. A worker stays up
-    # 10 s, so that the main process gets the batch it may be fetching (it then fetches no more,
-    # saves and exits: train.py), and exits with status 0, which the main process takes for no crash.
-    def later(*_):
-        timer = threading.Timer(10, os._exit, (0,))
-        timer.daemon = True  # a worker that the main process ends sooner does not wait for it
-        timer.start()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, later)
+STOPS = {signal.SIGINT, signal.SIGTERM}
+SIGWAIT = hasattr(signal, 'sigwaitinfo')  # Linux; not macOS or Windows
+
+
+def leave_stop_signals_to_main(worker_id=None):
+    """worker_init_fn of loader workers. Ctrl-C reaches the whole process group and a cluster's SIGTERM
+    every process, but the main process may go on to finish its step and checkpoint (train.py), so its
+    workers must keep serving it: they take neither signal, except a SIGTERM from their parent (the
+    loader ending them), as PyTorch's own worker handler does. Without sigwaitinfo only Ctrl-C is
+    ignored. A thread started in the worker before this runs would still take the signals: fork the
+    workers with the signals blocked (InfiniteLoader does), so that every thread inherits the mask."""
+    if not SIGWAIT:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)  # threads started from now on inherit it
+
+    def wait():
+        while True:
+            info = signal.sigwaitinfo(STOPS)
+            if info.si_signo == signal.SIGTERM and info.si_pid == os.getppid():
+                os._exit(0)
+    threading.Thread(target=wait, daemon=True).start()
 
 class InfiniteLoader:
     """Iterator over this rank's uint8 batches [batch_size, 3, H, W] (batch_size is per rank), forever."""
@@ -398,9 +410,15 @@ class InfiniteLoader:
     def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, start_nimg=0, mirror=False, workers=2, device='cpu'):
         self.dataset, self.device = dataset, torch.device(device)
         sampler = _BatchSampler(len(dataset), batch_size, rank, world_size, seed, start_nimg, mirror)
-        self._iter = iter(torch.utils.data.DataLoader(  # batch_size=None: each sampler item is one whole batch
-            _Batches(dataset), sampler=sampler, batch_size=None, num_workers=workers, pin_memory=self.device.type == 'cuda',
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, worker_init_fn=_leave_stop_signals_to_main))
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS) if SIGWAIT else None  # while the workers fork
+        try:
+            self._iter = iter(torch.utils.data.DataLoader(  # batch_size=None: each sampler item is one whole batch
+                _Batches(dataset), sampler=sampler, batch_size=None, num_workers=workers, pin_memory=self.device.type == 'cuda',
+                persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                worker_init_fn=leave_stop_signals_to_main))
+        finally:
+            if SIGWAIT:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def __iter__(self):
         return self

@@ -548,12 +548,13 @@ def _autocast(device, amp):  # G and D in the precision they trained in: fp32 un
 
 
 def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_gen=None, fid_weights=None,
-             cache_dir=None, protocol='stylegan2', seed=0, amp='none', log=print):
+             cache_dir=None, protocol='stylegan2', seed=0, amp='none', log=print, worker_init_fn=None):
     """{metric name: float or dict} for names like fid50k_full, kid50k_full, pr50k3_full, ppl_wend, swd, di, fddf;
     the same on every rank. G: G_ema (G(z) -> [B, 3, H, W] in [-1, 1]); D: the plain (not DDP-wrapped) discriminator;
     dataset: uint8 [3, H, W] items. num_gen overrides the counts in the names. amp: 'none' (fp32), 'bf16' or 'fp16'
     autocast of G and D (train.py passes its --amp). Metrics that cannot run (no Inception weights) are logged in
-    one line and left out. The global RNG state is restored on return."""
+    one line and left out. worker_init_fn: of the real-image loader's workers (GPU only). The global RNG state is
+    restored on return."""
     device = torch.device(device)
     log = log if rank == 0 else (lambda *_: None)
     specs = {name: _parse(name, num_gen, len(dataset)) for name in names}
@@ -605,7 +606,8 @@ def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_g
         steps = math.ceil(math.ceil(n / batch) / world_size)  # every chunk full: indices wrap around the data
         idx = [((rank + i * world_size) * batch + j) % len(dataset) for i in range(steps) for j in range(batch)]
         loader = iter(torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch,
-                                                  num_workers=3 if device.type == 'cuda' and idx else 0))
+                                                  num_workers=3 if device.type == 'cuda' and idx else 0,
+                                                  worker_init_fn=worker_init_fn))
 
         def reals(c):
             x8 = next(loader).to(device)                      # [B, 3, H, W] uint8

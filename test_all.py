@@ -1444,6 +1444,22 @@ def test_loader_mirror_flips_follow_the_position_not_the_item():
     assert sorted(seen) == list(range(10)) and all(v == {True, False} for v in seen.values()), seen
 
 
+def test_loader_workers_leave_stop_signals_to_the_main_process():
+    """Workers take neither Ctrl-C nor a cluster's SIGTERM (the main process may still need a batch
+    to finish its step: train.py) but end at once, with status 0, at their parent's SIGTERM (the
+    loader or multiprocessing ending them)."""
+    loader = data.InfiniteLoader(data.SyntheticShapes(16, 32), 4, workers=1)
+    first = next(loader)
+    worker = loader._iter._workers[0]
+    for sig in ('INT', 'TERM'):
+        subprocess.run(['kill', f'-{sig}', str(worker.pid)], check=True)  # sent by another process
+    worker.join(0.5)
+    assert worker.is_alive() and next(loader).shape == first.shape
+    worker.terminate()  # SIGTERM from the parent
+    worker.join(5)
+    assert worker.exitcode == 0
+
+
 def test_data_save_grid(tmp_path):
     imgs = torch.stack([data.SyntheticShapes(16, 5)[i] for i in range(5)])
     data.save_grid(imgs, tmp_path / 'g.png')
@@ -2366,6 +2382,10 @@ def test_write_failure_and_bad_image_mid_run_keep_the_work(tmp_path, capsys, mon
     monkeypatch.setattr(torch, 'save', full_disk)
     err = expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'full'), '--kimg', '0.008'], 'could not write')
     assert 'No space left' in err and not glob.glob(f'{tmp_path}/full/*.tmp')  # no half-written file left
+    monkeypatch.setattr(torch, 'save', lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))  # Ctrl-C twice
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(str(tmp_path / 'full' / 'ckpt-0000009.pt'), {}, keep=3)
+    assert not glob.glob(f'{tmp_path}/full/*.tmp')
     monkeypatch.setattr(torch, 'save', real_save)
     root = tmp_path / 'imgs'
     root.mkdir()
@@ -2440,7 +2460,7 @@ def test_stop_signals_save_a_checkpoint_and_the_same_command_resumes(tmp_path):
 
 def test_stop_requests_ignore_repeats_but_a_later_ctrl_c_stops_at_once(tmp_path, capsys, monkeypatch):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with train.stop_requests(rank=0) as stop:
+    with train.stop_requests(rank=0, world=1) as stop:
         for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):  # a launcher passing it on; an early Ctrl-C
             os.kill(os.getpid(), sig)
         assert [s for s, _ in stop] == [signal.SIGTERM]
@@ -2483,6 +2503,7 @@ def test_bad_flags_and_checkpoints_give_one_line_errors(tmp_path, capsys):
                           (['--sel', 'norm', '--no-align', '--align-interval', '4'], '--align-interval does nothing'),
                           (['--sel', 'norm', '--align-weight', '0', '--align-tau', '0.1'], '--align-tau does nothing'),
                           (['--no-align'], '--no-align does nothing without --sel'),
+                          (['--sel', 'norm', '--no-align', '--align-weight', '3'], '--align-weight does nothing'),
                           (['--g-form', 'minimax'], 'without --loss contrastive'),
                           (['--loss', 'hinge', '--warmup-kimg', '1'], '--warmup-kimg does nothing'),
                           (['--g-attn-res', '8'], '--g-attn-res does nothing without --g-attn'),

@@ -164,7 +164,7 @@ def check_args(args, world, device):
     for key, active, needs in [
             ('heatmap', args.sel != 'none', '--sel norm (or concat/flatten)'),
             ('no_align', args.sel != 'none', '--sel norm (or concat/flatten)'),
-            ('align_weight', args.sel != 'none', '--sel norm (or concat/flatten)'),
+            ('align_weight', args.sel != 'none' and not args.no_align, '--sel norm (or concat/flatten) without --no-align'),
             *((k, aligning, 'the alignment loss (--sel without --no-align, --align-weight > 0)')
               for k in ('align_tau', 'align_truncation', 'cam_weights', 'align_interval')),
             ('g_form', args.loss == 'contrastive', '--loss contrastive'),
@@ -263,10 +263,11 @@ def save_checkpoint(path, state, keep):
             os.fsync(f.fileno())  # on disk before the rename and before older checkpoints go
         os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoints intact
     except (OSError, RuntimeError) as e:  # disk full, quota, permissions
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise UserError(f'could not write {path} ({str(e).strip().splitlines()[0]}): free some space or choose '
                         f'another --out; the earlier checkpoints are intact') from None
+    finally:  # also after a Ctrl-C that stops at once
+        if os.path.exists(tmp):
+            os.remove(tmp)
     for old in checkpoint_paths(os.path.dirname(path))[:-keep]:
         os.remove(old)
 
@@ -343,19 +344,20 @@ def main(argv=None):
 
 
 @contextlib.contextmanager
-def stop_requests(rank):
+def stop_requests(rank, world):
     """While this is active, SIGINT (Ctrl-C) or SIGTERM (a cluster preempting the job) asks the loop
     to stop after the current step with a checkpoint; yields the list the first signal is put in.
     Launchers pass a signal on to their workers (torchrun), so repeats are ignored, except a Ctrl-C
-    more than 2 s after the first: that one stops at once."""
+    more than 2 s after the first: that one stops at once (under torchrun a terminal's Ctrl-C reaches
+    torchrun only, which passes the first one on)."""
     got = []
 
     def handler(signum, frame):
         if not got:
             got.append((signum, time.time()))
             if rank == 0:  # stderr: stdout may be in the middle of a log line
-                print(f'\n{signal.Signals(signum).name}: stopping after this step with a checkpoint '
-                      f'(Ctrl-C again to stop at once)', file=sys.stderr, flush=True)
+                print(f'\n{signal.Signals(signum).name}: stopping after this step with a checkpoint'
+                      + (' (Ctrl-C again after 2 s: stop at once)' if world == 1 else ''), file=sys.stderr, flush=True)
         elif signum == signal.SIGINT and time.time() - got[0][1] > 2:
             raise KeyboardInterrupt
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -580,7 +582,8 @@ def train(args, rank, world, device):
         t0 = time.time()
         res = metrics.evaluate(names, G_ema, D, dataset, device, rank, world, num_gen=args.num_gen,
                                fid_weights=args.fid_weights, cache_dir=os.path.join(args.out, 'cache'),
-                               seed=args.seed, amp=args.amp, log=lambda s: print0(s, rank=rank))
+                               seed=args.seed, amp=args.amp, log=lambda s: print0(s, rank=rank),
+                               worker_init_fn=data.leave_stop_signals_to_main)
         if logf:
             logf.write(json.dumps(dict(kimg=round(nimg / 1000, 3), step=step, metrics=res)) + '\n')
             logf.flush()
@@ -624,7 +627,7 @@ def train(args, rank, world, device):
     n_log, saved = nimg, step
     print0(f'training to {args.kimg} kimg with the {args.loss} loss'
            + (f' (non-saturating warm-up until {args.warmup_kimg:g} kimg)' if args.loss == 'contrastive' else ''), rank=rank)
-    with stop_requests(rank) as stop:  # Ctrl-C / SIGTERM: no more batches; log, save, exit
+    with stop_requests(rank, world) as stop:  # Ctrl-C / SIGTERM: no more batches; log, save, exit
         while nimg < total:
             if agree(False, bool(stop))[1]:  # any process's signal, checked before a batch is fetched
                 if stats:
