@@ -2387,6 +2387,11 @@ def test_write_failure_and_bad_image_mid_run_keep_the_work(tmp_path, capsys, mon
         train.save_checkpoint(str(tmp_path / 'full' / 'ckpt-0000009.pt'), {}, keep=3)
     assert not glob.glob(f'{tmp_path}/full/*.tmp')
     monkeypatch.setattr(torch, 'save', real_save)
+    monkeypatch.setattr(Image.Image, 'save', lambda self, path, *a, **k: (_ for _ in ()).throw(
+        OSError(28, 'No space left on device', str(path))))  # the image grids
+    expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'png'), '--kimg', '0.008'],
+                 'reals.png: No space left on device; check the path')
+    monkeypatch.undo()
     root = tmp_path / 'imgs'
     root.mkdir()
     rng = np.random.default_rng(0)
@@ -2523,6 +2528,7 @@ def test_bad_flags_and_checkpoints_give_one_line_errors(tmp_path, capsys):
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--device', 'gpu0'], '--device gpu0 is not a device')
     (tmp_path / 'file').write_text('')
     expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'file')], 'is a file')
+    expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'file' / 'run')], 'file/run: Not a directory')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--resume', str(tmp_path / 'x.pt')], 'no such file')
     run_train(tmp_path, '--kimg', '0.008', name='r')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--channel-max', '64'], 'another architecture', '--channel-max 32')

@@ -336,6 +336,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print('error: interrupted; the same command resumes from the last checkpoint', file=sys.stderr, flush=True)
         sys.exit(130)
+    except OSError as e:  # the file system: --out under a file, a full disk while writing a grid or the log
+        where = f'{e.filename}: {e.strerror}' if e.filename else str(e)
+        print(f'error: {where}; check the path, its permissions and the free space', file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
