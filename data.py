@@ -430,17 +430,18 @@ class InfiniteLoader:
             raise DataError(str(e).strip().splitlines()[-1].split('DataError: ', 1)[-1]) from None
         return batch.to(self.device, non_blocking=True)
 
-def save_grid(images, path, rows=None):
-    """uint8 [N, 3, H, W] (tensor or array) -> one PNG, `rows` rows (default: about square), row-major."""
+def save_grid(images, path, cols=None, zoom=1):
+    """uint8 [N, 3, H, W] (tensor or array) -> one PNG, `cols` images per row (default: about square),
+    row-major, empty cells black, each pixel a zoom x zoom square."""
     images = torch.as_tensor(images).cpu()
     assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] == 3, (images.dtype, images.shape)
     n, _, h, w = images.shape
-    rows = rows or max(1, int(math.sqrt(n)))
-    cols = -(-n // rows)
+    cols = cols or -(-n // max(1, int(math.sqrt(n))))
+    rows = -(-n // cols)
     grid = torch.zeros(rows * cols, 3, h, w, dtype=torch.uint8)                  # empty cells stay black
     grid[:n] = images
     grid = grid.view(rows, cols, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 3)  # [rows H, cols W, 3]
-    Image.fromarray(grid.numpy()).save(path)
+    Image.fromarray(grid.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1).numpy()).save(path)
 
 # ----------------------------------------------------------------------------------------------
 

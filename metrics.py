@@ -765,4 +765,7 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # a missing checkpoint, a bad --data (DataError), an unwritable --out
+        raise SystemExit(f'error: {e}')

@@ -477,8 +477,8 @@ def read_checkpoint(path, device='cpu'):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise ValueError(f'cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); '
-                         f'delete it to resume from an older one') from None
+        raise ValueError(f'cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); give a '
+                         f'complete ckpt-*.pt (train.py: delete a corrupt one to resume from the one before)') from None
     if not isinstance(ckpt, dict) or 'args' not in ckpt or 'G_ema' not in ckpt:
         raise ValueError(f'{path} is not a checkpoint of this project; pass a ckpt-*.pt written by train.py')
     return ckpt
@@ -691,18 +691,6 @@ def parse_seeds(s):
     return seeds
 
 
-def save_image_grid(images, path, cols, zoom=1):
-    """uint8 [N, 3, H, W] -> one PNG, `cols` images per row, each pixel a zoom x zoom square."""
-    from PIL import Image
-    N, _, H, W = images.shape
-    rows = math.ceil(N / cols)
-    grid = torch.zeros(rows * cols, 3, H, W, dtype=torch.uint8)
-    grid[:N] = images
-    grid = grid.view(rows, cols, 3, H, W).permute(0, 3, 1, 4, 2).reshape(rows * H, cols * W, 3)
-    grid = grid.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
-    Image.fromarray(grid.numpy()).save(path)
-
-
 def to_uint8(img):
     return (img * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu()
 
@@ -762,6 +750,7 @@ def main(argv=None):
     plain = not (a.move or a.heatmap_centers or a.attn_maps)
     if len(a.ckpt) > 1 and not plain:
         raise SystemExit('error: --move, --heatmap-centers and --attn-maps take one checkpoint; several only sample')
+    import data  # only the command line needs it (PNG grids)
     dev, seeds, rows = torch.device(a.device), parse_seeds(a.seeds), []
     for path in a.ckpt:
         G = load_checkpoint(path, dev)['G_ema']
@@ -787,14 +776,17 @@ def main(argv=None):
                 h = G.spatial.render(G.spatial.shift(centers, t * dx, t * dy))
                 cols.append(to_uint8(G(z, psi=a.trunc, cutoff=a.trunc_cutoff, noise_mode='const', heatmaps=h)))
             imgs = torch.stack(cols, 1).flatten(0, 1)  # rows: seeds, columns: heatmap positions
-            save_image_grid(imgs, a.out, len(cols), a.zoom)
+            data.save_grid(imgs, a.out, len(cols), a.zoom)
         elif a.attn_maps:
             pts = [tuple(float(v) for v in q.split(',')) for q in a.points.split(';')]
-            save_image_grid(attention_maps(G, z, pts, heat), a.out, min(len(seeds), 8), a.zoom)
+            data.save_grid(attention_maps(G, z, pts, heat), a.out, min(len(seeds), 8), a.zoom)
         else:  # one checkpoint: rows of 8; several: one row each
-            save_image_grid(torch.cat(rows), a.out, min(len(seeds), 8) if len(rows) == 1 else len(seeds), a.zoom)
+            data.save_grid(torch.cat(rows), a.out, min(len(seeds), 8) if len(rows) == 1 else len(seeds), a.zoom)
     print(f'wrote {a.out}')
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # a missing or foreign checkpoint, a bad --points, an unwritable --out
+        raise SystemExit(f'error: {e}')

@@ -1466,7 +1466,7 @@ def test_data_save_grid(tmp_path):
     g = np.asarray(Image.open(tmp_path / 'g.png'))
     assert g.shape == (32, 48, 3)                                           # 2 rows x 3 columns
     assert np.array_equal(g[16:, 16:32], imgs[4].permute(1, 2, 0).numpy()) and not g[16:, 32:].any()
-    data.save_grid(imgs, tmp_path / 'r.png', rows=5)
+    data.save_grid(imgs, tmp_path / 'r.png', cols=1)
     assert np.asarray(Image.open(tmp_path / 'r.png')).shape == (80, 16, 3)
 
 
@@ -2601,6 +2601,14 @@ def test_lazy_alignment_runs_every_n_steps_with_weight_times_n(tmp_path, monkeyp
 # ==============================================================================================
 # model.py command line: samples, heatmap editing, attention maps
 
+def test_model_and_metrics_command_lines_give_one_line_errors(tmp_path):
+    for script, extra in [('model.py', []), ('metrics.py', ['--metrics', 'swd2k'])]:
+        r = subprocess.run([sys.executable, os.path.join(HERE, script), str(tmp_path / 'nope.pt'), *extra],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.startswith(f'error: cannot read checkpoint {tmp_path}/nope.pt (FileNotFoundError'), r.stderr
+
+
 def test_model_cli_samples_edits_and_attention_maps(tmp_path, capsys):
     out = run_train(tmp_path, '--kimg', '0.008', '--resolution', '32', '--sel', 'norm', '--g-attn', 'san',
                     '--g-attn-res', '16', name='cli')
@@ -2864,12 +2872,12 @@ def test_build_networks_and_checkpoint_round_trip_every_arch_key(tmp_path):
 
 def test_to_uint8_and_image_grid_by_hand(tmp_path):
     """to_uint8: x 127.5 + 128, clamped to [0, 255], truncated (-1 -> 0, 0 -> 128, 1 -> 255, -0.5 -> 64);
-    save_image_grid: image k at row k // cols, column k % cols, empty cells black, each pixel a zoom^2 block."""
+    data.save_grid: image k at row k // cols, column k % cols, empty cells black, each pixel a zoom^2 block."""
     x = torch.tensor([-2., -1, -0.5, 0, 0.3, 1, 3])
     assert model.to_uint8(x).tolist() == [0, 0, 64, 128, 166, 255, 255]  # 0.3 -> 166.25
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 256, (5, 3, 2, 3), generator=g, dtype=torch.uint8)  # H = 2, W = 3
-    model.save_image_grid(imgs, tmp_path / 'g.png', cols=3, zoom=2)
+    data.save_grid(imgs, tmp_path / 'g.png', cols=3, zoom=2)
     grid = torch.from_numpy(np.asarray(Image.open(tmp_path / 'g.png')).copy())
     assert grid.shape == (2 * 2 * 2, 3 * 3 * 2, 3)
     for k in range(6):
