@@ -695,18 +695,27 @@ def plot_curves(series, path, title='', xlabel='kimg', size=(720, 400)):
 
 
 def plot_logs(logs, keys, path, title=''):
-    """Curves of train.py's log.jsonl files: one series per (log, key), labelled by the run folder."""
-    series = []
+    """Curves of train.py's log.jsonl files: one series per (log, key), labelled by the run folder.
+    Metric lines are flattened: 'di2k', 'swd2k/avg', 'pr50k3_full/precision'."""
+    series, seen = [], set()
     for log in logs:
-        rows = [json.loads(s) for s in open(log)]
+        rows = [dict(r, **_flat(r.pop('metrics', {}))) for r in map(json.loads, open(log))]
         run = os.path.basename(os.path.dirname(os.path.abspath(log)))
+        seen.update(k for r in rows for k in r if k not in ('kimg', 'step'))
         for key in keys:
             pts = [(r['kimg'], r[key]) for r in rows if key in r]
             if pts:
                 series.append((f'{run} {key}', *zip(*pts)))
     if not series:
-        raise ValueError(f'none of {keys} in {logs}')
+        raise ValueError(f'none of --keys {",".join(keys)} in {", ".join(logs)}; they hold {", ".join(sorted(seen))}')
     plot_curves(series, path, title)
+
+
+def _flat(d, prefix=''):  # {'swd2k': {'avg': 1}} -> {'swd2k/avg': 1}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f'{prefix}{k}/') if isinstance(v, dict) else {f'{prefix}{k}': v})
+    return out
 
 
 def main():
@@ -737,9 +746,13 @@ def main():
     p.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda, mps')
     a = p.parse_args()
     if a.plot:
-        return plot_logs(a.plot, a.keys.split(','), a.out, a.title)
+        plot_logs(a.plot, a.keys.split(','), a.out, a.title)
+        return print(f'wrote {a.out}')
     if a.ckpt is None:
         p.error('give a checkpoint to evaluate, or --plot LOG ...')
+    for flag, value in [('--batch', a.batch), ('--num-gen', a.num_gen), ('--max-images', a.max_images)]:
+        if value is not None and value < 1:
+            p.error(f'{flag} {value} must be at least 1')
     rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
     device = a.device if a.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
     if world_size > 1:
@@ -749,19 +762,24 @@ def main():
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     ckpt = model.load_checkpoint(a.ckpt, device)
     args = ckpt['args']
+    amp = a.amp or args.get('amp', 'none')
+    if amp == 'fp16' and not device.startswith('cuda'):
+        p.error('--amp fp16 is for CUDA GPUs (emulated on the CPU, ~50x slower); pass --amp bf16 or none')
     group, names = min(args['mbstd_group'], a.batch), a.metrics.split(',')
     if a.batch % group and any(_SOURCE.get(_parse(n, None, 1)[0]) == 'd' for n in names):
         p.error(f"--batch {a.batch} is not a multiple of this D's minibatch-std group {group} (di, fddf): use e.g. {16 * group}")
     dataset = data.make_dataset(a.data or args.get('data'), resolution=args['resolution'],
                                 max_images=a.max_images or (None if a.data else args.get('max_images')),
-                                seed=args.get('seed', 0))
+                                seed=args.get('seed', 0), skip_bad=args.get('skip_bad', False))
     results = evaluate(names, ckpt['G_ema'], ckpt['D'], dataset, device, rank, world_size, a.batch,
-                       a.num_gen, a.fid_weights, a.cache_dir, a.protocol, a.seed, a.amp or args.get('amp', 'none'),
+                       a.num_gen, a.fid_weights, a.cache_dir, a.protocol, a.seed, amp,
                        log=lambda s: print(s, file=sys.stderr))
     if rank == 0:
         print(json.dumps(results))
     if world_size > 1:
         dist.destroy_process_group()
+    if not results:
+        raise SystemExit('error: no metric could be computed (the reason is printed above)')
 
 
 if __name__ == '__main__':

@@ -20,6 +20,7 @@ Run alone:
 import argparse
 import copy
 import math
+import re
 
 import numpy as np
 import torch
@@ -296,7 +297,7 @@ class Generator(nn.Module):
                  conv_clamp=None, g_attn='none', g_attn_res=32, sel='none', heatmap='hier'):
         super().__init__()
         if resolution < 8 or resolution & (resolution - 1):  # not a power of two
-            raise ValueError(f'resolution {resolution} is not a power of two >= 8; use e.g. 32, 64 or 256')
+            raise ValueError(f'--resolution {resolution}: G and D need a power of two >= 8; use e.g. 32, 64 or 256')
         self.z_dim, self.w_dim, self.img_resolution = z_dim, w_dim, resolution
         ch = channels_per_res(channel_base, channel_max, resolution)
         if g_attn != 'none' and not (g_attn_res >= 8 and g_attn_res in ch):
@@ -476,9 +477,11 @@ def read_checkpoint(path, device='cpu'):
     for an unreadable file or one written by something else."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise ValueError(f'cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); give a '
-                         f'complete ckpt-*.pt (train.py: delete a corrupt one to resume from the one before)') from None
+    except FileNotFoundError:
+        raise ValueError(f'no checkpoint at {path}; give a ckpt-*.pt written by train.py') from None
+    except Exception as e:  # torch's own text would suggest weights_only=False: not for a corrupt file
+        raise ValueError(f'cannot read checkpoint {path} ({type(e).__name__}): a partial or corrupt file; '
+                         f'train.py: delete it to resume from the one before') from None
     if not isinstance(ckpt, dict) or 'args' not in ckpt or 'G_ema' not in ckpt:
         raise ValueError(f'{path} is not a checkpoint of this project; pass a ckpt-*.pt written by train.py')
     return ckpt
@@ -684,11 +687,18 @@ def complexity_table(resolution=256, channel_base=16384):
 
 def parse_seeds(s):
     """'0-3,7' -> [0, 1, 2, 3, 7]"""
-    seeds = []
-    for part in s.split(','):
-        a, _, b = part.partition('-')
-        seeds += list(range(int(a), int(b or a) + 1))
+    ok = re.fullmatch(r'\d+(-\d+)?(,\d+(-\d+)?)*', s)
+    seeds = [i for part in s.split(',') for i in range(int(part.split('-')[0]), int(part.split('-')[-1]) + 1)] if ok else []
+    if not seeds:
+        raise ValueError(f"--seeds {s!r} names no seeds; write e.g. '0-15' or '1,5,9'")
     return seeds
+
+
+def parse_xy(s, flag):
+    """'x,y' -> (x, y)"""
+    if not re.fullmatch(r' *[-+]?[\d.]+ *, *[-+]?[\d.]+ *', s):
+        raise ValueError(f"{flag} {s!r} is not 'x,y' (two numbers)")
+    return tuple(float(v) for v in s.split(','))
 
 
 def to_uint8(img):
@@ -750,6 +760,8 @@ def main(argv=None):
     plain = not (a.move or a.heatmap_centers or a.attn_maps)
     if len(a.ckpt) > 1 and not plain:
         raise SystemExit('error: --move, --heatmap-centers and --attn-maps take one checkpoint; several only sample')
+    if a.steps < 1:
+        raise SystemExit(f'error: --steps {a.steps} must be at least 1')
     import data  # only the command line needs it (PNG grids)
     dev, seeds, rows = torch.device(a.device), parse_seeds(a.seeds), []
     for path in a.ckpt:
@@ -768,9 +780,9 @@ def main(argv=None):
                 raise SystemExit('error: this generator has no heatmap input: train with --sel norm to edit by heatmaps')
             centers = heat['centers']  # [N, n, 2], x right, y down, in [0, 1]
             if a.heatmap_centers:  # place level 0 there ('hier': the finer centres follow)
-                x, y = (float(v) for v in a.heatmap_centers.split(','))
+                x, y = parse_xy(a.heatmap_centers, '--heatmap-centers')
                 centers = G.spatial.shift(centers, x - centers[:, 0, 0], y - centers[:, 0, 1])
-            dx, dy = (float(v) for v in (a.move or '0,0').split(','))
+            dx, dy = parse_xy(a.move or '0,0', '--move')
             cols = []
             for t in torch.linspace(0, 1, a.steps if a.move else 1).tolist():
                 h = G.spatial.render(G.spatial.shift(centers, t * dx, t * dy))
@@ -778,8 +790,10 @@ def main(argv=None):
             imgs = torch.stack(cols, 1).flatten(0, 1)  # rows: seeds, columns: heatmap positions
             data.save_grid(imgs, a.out, len(cols), a.zoom)
         elif a.attn_maps:
-            pts = [tuple(float(v) for v in q.split(',')) for q in a.points.split(';')]
+            pts = [parse_xy(q, '--points') for q in a.points.split(';')]
             data.save_grid(attention_maps(G, z, pts, heat), a.out, min(len(seeds), 8), a.zoom)
+        elif len({r.shape[-1] for r in rows}) > 1:
+            raise SystemExit('error: these checkpoints make images of different sizes; compare runs of one --resolution')
         else:  # one checkpoint: rows of 8; several: one row each
             data.save_grid(torch.cat(rows), a.out, min(len(seeds), 8) if len(rows) == 1 else len(seeds), a.zoom)
     print(f'wrote {a.out}')

@@ -1950,26 +1950,30 @@ def test_cli_prints_one_json_line(monkeypatch, capsys):
     G, D = _met_nets()
     seen = {}
 
-    def make_dataset(path=None, resolution=None, max_images=None, seed=0):
-        seen.update(path=path, resolution=resolution, max_images=max_images, seed=seed)
+    def make_dataset(path=None, resolution=None, max_images=None, seed=0, skip_bad=False):
+        seen.update(path=path, resolution=resolution, max_images=max_images, seed=seed, skip_bad=skip_bad)
         return TinyData()
 
     monkeypatch.setitem(sys.modules, 'model', types.SimpleNamespace(load_checkpoint=lambda path, device: dict(
-        G_ema=G, D=D, args=dict(data='from-ckpt', resolution=16, max_images=64, seed=3, mbstd_group=4))))
+        G_ema=G, D=D, args=dict(data='from-ckpt', resolution=16, max_images=64, seed=3, mbstd_group=4, skip_bad=True))))
     monkeypatch.setitem(sys.modules, 'data', types.SimpleNamespace(make_dataset=make_dataset))
     argv = ['metrics.py', 'ckpt.pt', '--metrics', 'di,swd', '--num-gen', '40', '--batch', '16', '--device', 'cpu']
     monkeypatch.setattr(sys, 'argv', argv)
     metrics.main()
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and set(json.loads(out[0])) == {'di', 'swd'}
-    assert seen == dict(path='from-ckpt', resolution=16, max_images=64, seed=3)  # the run's own data
+    assert seen == dict(path='from-ckpt', resolution=16, max_images=64, seed=3, skip_bad=True)  # the run's own data
     monkeypatch.setattr(sys, 'argv', argv + ['--max-images', '500'])  # a limited-data run vs more images
     metrics.main()
-    assert seen == dict(path='from-ckpt', resolution=16, max_images=500, seed=3)
-    monkeypatch.setattr(sys, 'argv', argv + ['--batch', '10'])  # D's minibatch-std groups of 4 cannot split 10
-    with pytest.raises(SystemExit):
-        metrics.main()
-    assert "--batch 10 is not a multiple of this D's minibatch-std group 4" in capsys.readouterr().err
+    assert seen == dict(path='from-ckpt', resolution=16, max_images=500, seed=3, skip_bad=True)
+    for extra, needle in [(['--batch', '10'], "--batch 10 is not a multiple of this D's minibatch-std group 4"),
+                          (['--batch', '0'], '--batch 0 must be at least 1'), (['--num-gen', '0'], '--num-gen 0 must be'),
+                          (['--amp', 'fp16'], '--amp fp16 is for CUDA GPUs'),  # emulated on the CPU: 50x slower
+                          (['--metrics', 'fid10k', '--fid-weights', 'nowhere.pth'], 'no metric could be computed')]:
+        monkeypatch.setattr(sys, 'argv', argv + extra)
+        with pytest.raises(SystemExit) as e:
+            metrics.main()
+        assert e.value.code != 0 and needle in capsys.readouterr().err + str(e.value.code), extra
 
 
 def test_plot_logs_draws_each_curve(tmp_path):
@@ -1978,13 +1982,14 @@ def test_plot_logs_draws_each_curve(tmp_path):
     with open(run / 'log.jsonl', 'w') as f:
         for k in range(5):
             f.write(json.dumps({'kimg': k, 'D/real_min': -k, 'D/fake_max': k * 2}) + '\n')
-        f.write(json.dumps({'kimg': 5, 'metrics': {'swd': 1.0}}) + '\n')  # metric lines are skipped
+        f.write(json.dumps({'kimg': 5, 'step': 9, 'metrics': {'swd': {'avg': 1.0}, 'di': 2.0}}) + '\n')
     metrics.plot_logs([str(run / 'log.jsonl')], ['D/real_min', 'D/fake_max'], str(tmp_path / 'p.png'))
     img = np.asarray(Image.open(tmp_path / 'p.png'))
     for colour in [(31, 119, 180), (255, 127, 14)]:  # the two series' colours are drawn
         assert (img == colour).all(-1).sum() > 50
-    with pytest.raises(ValueError, match='none of'):
+    with pytest.raises(ValueError, match='none of --keys G/loss .* they hold D/fake_max, D/real_min, di, swd/avg$'):
         metrics.plot_logs([str(run / 'log.jsonl')], ['G/loss'], str(tmp_path / 'q.png'))
+    metrics.plot_logs([str(run / 'log.jsonl')], ['di', 'swd/avg'], str(tmp_path / 'm.png'))  # metric lines, flattened
 
 
 def test_metric_names():
@@ -2481,7 +2486,7 @@ def test_stop_requests_ignore_repeats_but_a_later_ctrl_c_stops_at_once(tmp_path,
     with pytest.raises(SystemExit) as e:
         train.main(TINY_FLAGS + ['--out', str(tmp_path / 'r')])
     assert e.value.code == 130 and capsys.readouterr().err == \
-        'error: interrupted; the same command resumes from the last checkpoint\n'
+        'error: interrupted; the same command resumes from the last checkpoint, if one was written\n'
 
 
 def expect_error(capsys, argv, *needles):
@@ -2523,7 +2528,7 @@ def test_bad_flags_and_checkpoints_give_one_line_errors(tmp_path, capsys):
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--sel', 'norm', '--align-interval', '0'], '--align-interval 0')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--data', str(tmp_path / 'nowhere')], 'nowhere')
     for flag, value in [('--batch', '0'), ('--keep', '0'), ('--r1-interval', '0'), ('--workers', '-1'), ('--kimg', '0'),
-                        ('--seed', '-1')]:
+                        ('--seed', '-1'), ('--lr', '-1')]:
         expect_error(capsys, TINY_FLAGS + ['--out', out, flag, value], f'{flag} {value} must be')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--device', 'gpu0'], '--device gpu0 is not a device')
     (tmp_path / 'file').write_text('')
@@ -2549,6 +2554,8 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, monkey
     assert before[-1] in err
     assert sorted(glob.glob(f'{out}/ckpt-*.pt')) == before  # nothing overwritten by a bad state
     assert load(before[-1])['step'] == 2
+    err = expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'new'), '--kimg', '0.032'], 'non-finite D/loss')
+    assert 'no checkpoint was written yet' in err and '--amp none' not in err  # nothing to resume, --amp already none
 
 
 def test_keep_freed_memory_sets_glibc_options_unless_the_user_did(monkeypatch):
@@ -2605,8 +2612,17 @@ def test_model_and_metrics_command_lines_give_one_line_errors(tmp_path):
     for script, extra in [('model.py', []), ('metrics.py', ['--metrics', 'swd2k'])]:
         r = subprocess.run([sys.executable, os.path.join(HERE, script), str(tmp_path / 'nope.pt'), *extra],
                            capture_output=True, text=True, timeout=300)
-        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert r.stderr.startswith(f'error: cannot read checkpoint {tmp_path}/nope.pt (FileNotFoundError'), r.stderr
+        assert r.returncode == 1 and r.stderr == f'error: no checkpoint at {tmp_path}/nope.pt; give a ckpt-*.pt written by train.py\n'
+    (tmp_path / 'junk.pt').write_bytes(b'junk')
+    with pytest.raises(ValueError, match=r'junk.pt \(\w+\): a partial or corrupt file; train.py: delete'):
+        model.read_checkpoint(str(tmp_path / 'junk.pt'))
+    assert model.parse_seeds('0-2,7') == [0, 1, 2, 7] and model.parse_xy(' 0.3, -1', '--move') == (0.3, -1.0)
+    for bad in ('5-2', '0-x', ''):
+        with pytest.raises(ValueError, match=f"--seeds '{bad}' names no seeds"):
+            model.parse_seeds(bad)
+    for bad in ('0.4', 'a,b', '1,2,3'):
+        with pytest.raises(ValueError, match=f"--move '{bad}' is not 'x,y'"):
+            model.parse_xy(bad, '--move')
 
 
 def test_model_cli_samples_edits_and_attention_maps(tmp_path, capsys):

@@ -142,6 +142,8 @@ def check_args(args, world, device):
                              ('--keep', args.keep, 1), ('--workers', args.workers, 0), ('--seed', args.seed, 0)]:
         if value < low:
             raise UserError(f'{flag} {value} must be at least {low}')
+    if not args.lr > 0:
+        raise UserError(f'--lr {args.lr:g} must be positive')
     if not args.kimg > 0:
         raise UserError(f'--kimg {args.kimg:g} must be positive (the length of the run in thousands of images)')
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -272,9 +274,11 @@ def save_checkpoint(path, state, keep):
         os.remove(old)
 
 
-def last_good(out):
-    last = checkpoint_paths(out)
-    return f'the last good checkpoint is {last[-1] if last else "none"}: resume from it with a lower --lr or --gamma'
+def last_good(args):
+    last = checkpoint_paths(args.out)
+    fix = 'a lower --lr or --gamma' + (', or --amp none' if args.amp != 'none' else '')
+    return (f'the last good checkpoint is {last[-1]}: resume from it with {fix}' if last else
+            f'no checkpoint was written yet: start again (--resume none, another --out) with {fix}')
 
 
 def _differing(keys, saved, args):
@@ -306,8 +310,8 @@ def load_resume(path, args, device):
         raise UserError(str(e)) from None
     diff = _differing([k for k in model.ARCH_KEYS if k != 'conv_clamp'], ckpt['args'], args)  # --amp may change
     if diff:
-        raise UserError(f'checkpoint {path} has another architecture: {"; ".join(diff)}; '
-                        f'rerun with its flags or use another --out')
+        raise UserError(f'checkpoint {path} has another architecture: {"; ".join(diff)}; rerun with its flags'
+                        + (' or use another --out' if args.resume == 'auto' else ''))
     diff = _differing(RUN_KEYS, ckpt['args'], args)
     if args.resume == 'auto' and diff:
         raise UserError(f'{args.out} holds a run with other settings: {"; ".join(diff)}; rerun with its flags, use '
@@ -334,7 +338,8 @@ def main(argv=None):
         print(f'error: {msg}', file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        print('error: interrupted; the same command resumes from the last checkpoint', file=sys.stderr, flush=True)
+        print('error: interrupted; the same command resumes from the last checkpoint, if one was written',
+              file=sys.stderr, flush=True)
         sys.exit(130)
     except OSError as e:  # the file system: --out under a file, a full disk while writing a grid or the log
         where = f'{e.filename}: {e.strerror}' if e.filename else str(e)
@@ -361,7 +366,8 @@ def stop_requests(rank, world):
             got.append((signum, time.time()))
             if rank == 0:  # stderr: stdout may be in the middle of a log line
                 print(f'\n{signal.Signals(signum).name}: stopping after this step with a checkpoint'
-                      + (' (Ctrl-C again after 2 s: stop at once)' if world == 1 else ''), file=sys.stderr, flush=True)
+                      + (' (Ctrl-C again after 2 s: stop at once)' if world == 1 and signum == signal.SIGINT else ''),
+                      file=sys.stderr, flush=True)
         elif signum == signal.SIGINT and time.time() - got[0][1] > 2:
             raise KeyboardInterrupt
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -608,7 +614,7 @@ def train(args, rank, world, device):
         vals = reduced_stats(stats, extremes, world)
         bad = [k for k, v in vals.items() if v != v or abs(v) == float('inf')]
         if bad:
-            raise UserError(f'non-finite {", ".join(bad)} at kimg {nimg / 1000:.2f}; {last_good(args.out)}, or --amp none')
+            raise UserError(f'non-finite {", ".join(bad)} at kimg {nimg / 1000:.2f}; {last_good(args)}')
         dt, t_log = time.time() - t_log, time.time()
         ips = (nimg - n_log) / dt
         n_log = nimg
@@ -698,7 +704,7 @@ def snapshot(args, rank, world, device, step, nimg, G, G_ema, checkpoint, grid_z
     if world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
-        raise UserError(f'G weights became non-finite at kimg {nimg / 1000:.2f}; {last_good(args.out)}')
+        raise UserError(f'G weights became non-finite at kimg {nimg / 1000:.2f}; {last_good(args)}')
     if rank != 0:
         return
     data.save_grid(generate_images(G_ema, grid_z, grid_h, args.batch), os.path.join(args.out, f'fakes-{step:07d}.png'))
