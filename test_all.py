@@ -2106,7 +2106,7 @@ def test_resume_takes_new_lr_and_refuses_another_run_or_a_stale_checkpoint(tmp_p
                  'does not fit this code', 'synthesis.b4.const')
 
 
-def test_resume_evaluates_the_metrics_a_stop_interrupted(tmp_path, monkeypatch):
+def test_resume_evaluates_the_metrics_a_stop_interrupted(tmp_path, monkeypatch, capsys):
     """A step's checkpoint is written before its metrics. A run stopped while evaluating them
     (simulated: the metrics line and what followed it are missing) evaluates them first when the
     same command runs again; a run with nothing missing evaluates nothing more."""
@@ -2133,6 +2133,7 @@ def test_resume_evaluates_the_metrics_a_stop_interrupted(tmp_path, monkeypatch):
     assert measured() == [1, 2, 3] and len(calls) == 6
     run_train(tmp_path, *flags)  # complete: nothing to do
     assert len(calls) == 6 and len(records()) == 6
+    assert 'the run is already at 0.024 kimg: raise --kimg to go on' in capsys.readouterr().out
 
 
 def test_resume_may_switch_to_fp16_loss_scaling(tmp_path, monkeypatch):

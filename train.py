@@ -636,7 +636,8 @@ def train(args, rank, world, device):
     t_log = t_start = time.time()
     n_log, saved = nimg, step
     print0(f'training to {args.kimg} kimg with the {args.loss} loss'
-           + (f' (non-saturating warm-up until {args.warmup_kimg:g} kimg)' if args.loss == 'contrastive' else ''), rank=rank)
+           + (f' (non-saturating warm-up until {args.warmup_kimg:g} kimg)' if args.loss == 'contrastive' else '')
+           + (f'; the run is already at {nimg / 1000:g} kimg: raise --kimg to go on' if nimg >= total else ''), rank=rank)
     with stop_requests(rank, world) as stop:  # Ctrl-C / SIGTERM: no more batches; log, save, exit
         while nimg < total:
             if agree(False, bool(stop))[1]:  # any process's signal, checked before a batch is fetched
