@@ -666,6 +666,7 @@ def count_flops(net, *inputs):
     return fc.get_total_flops()
 
 
+@torch.enable_grad()  # FlopCounterMode follows modules through autograd (model.py's command line runs without it)
 def complexity_table(resolution=256, channel_base=16384):
     """Parameters and GFLOPs (per image) of G and D for the baseline and each attention option."""
     base = dict(resolution=resolution, z_dim=512, w_dim=512, channel_base=channel_base, channel_max=512, map_layers=8,
@@ -685,19 +686,19 @@ def complexity_table(resolution=256, channel_base=16384):
     return out
 
 
-def parse_seeds(s):
+def parse_seeds(s):  # argument types: argparse names the flag and the value in its one-line error
     """'0-3,7' -> [0, 1, 2, 3, 7]"""
     ok = re.fullmatch(r'\d+(-\d+)?(,\d+(-\d+)?)*', s)
     seeds = [i for part in s.split(',') for i in range(int(part.split('-')[0]), int(part.split('-')[-1]) + 1)] if ok else []
     if not seeds:
-        raise ValueError(f"--seeds {s!r} names no seeds; write e.g. '0-15' or '1,5,9'")
+        raise argparse.ArgumentTypeError(f"{s!r} names no seeds; write e.g. '0-15' or '1,5,9'")
     return seeds
 
 
-def parse_xy(s, flag):
+def parse_xy(s):
     """'x,y' -> (x, y)"""
     if not re.fullmatch(r' *[-+]?[\d.]+ *, *[-+]?[\d.]+ *', s):
-        raise ValueError(f"{flag} {s!r} is not 'x,y' (two numbers)")
+        raise argparse.ArgumentTypeError(f"{s!r} is not 'x,y' (two numbers)")
     return tuple(float(v) for v in s.split(','))
 
 
@@ -723,9 +724,8 @@ def attention_maps(G, z, points, heatmaps=None):
         i, j = min(int(y * h), h - 1), min(int(x * wd), wd - 1)
         m = w[:, :, :, i, j].norm(dim=1).view(N, 1, s, s)  # norm over channel groups per offset
         m = m / m.amax(dim=[2, 3], keepdim=True).clamp_min(1e-8)
-        canvas = torch.zeros(N, 1, h + s - 1, wd + s - 1)  # place the s x s map around (i, j)
-        canvas[:, :, i:i + s, j:j + s] = m
-        canvas = canvas[:, :, s // 2:s // 2 + h, s // 2:s // 2 + wd]
+        p = s // 2  # the s x s map centred on (i, j) of an h x wd canvas: zero padding, negative = cropping
+        canvas = F.pad(m, [j - p, wd - 1 - j - p, i - p, h - 1 - i - p])
         a = F.interpolate(canvas, size=(R, R), mode='bilinear', align_corners=False)
         out = out * (1 - 0.6 * a) + 0.6 * a * torch.tensor([255.0, 0, 0]).view(1, 3, 1, 1)
         py, px = min(int(y * R), R - 1), min(int(x * R), R - 1)
@@ -733,20 +733,22 @@ def attention_maps(G, z, points, heatmaps=None):
     return out.clamp(0, 255).to(torch.uint8)
 
 
+@torch.no_grad()
 def main(argv=None):
     p = argparse.ArgumentParser(description='Parameter counts (no CKPT), or samples / edits / attention maps from a checkpoint.')
     p.add_argument('ckpt', nargs='*', help='checkpoint written by train.py (ckpt-*.pt); several: one row of the '
                    'same seeds each (compare runs)')
-    p.add_argument('--seeds', default='0-15', help="latent seeds, e.g. '0-15' or '1,5,9'")
+    p.add_argument('--seeds', default='0-15', type=parse_seeds, help="latent seeds, e.g. '0-15' or '1,5,9'")
     p.add_argument('--trunc', type=float, default=1.0, help='truncation psi (1 = none)')
     p.add_argument('--trunc-cutoff', type=int, help='truncate only the first N ws')
     p.add_argument('--out', default='samples.png', help='output PNG')
     p.add_argument('--zoom', type=int, default=1, help='enlarge the PNG N times (nearest neighbour), for small images')
-    p.add_argument('--heatmap-centers', help="EqGAN-SA editing: level-0 heatmap centre 'x,y' in [0, 1] (default: sampled)")
-    p.add_argument('--move', help="EqGAN-SA editing: move the heatmaps by 'dx,dy' (image fractions) over --steps columns")
+    p.add_argument('--heatmap-centers', type=parse_xy, help="EqGAN-SA editing: level-0 heatmap centre 'x,y' in [0, 1] (default: sampled)")
+    p.add_argument('--move', type=parse_xy, help="EqGAN-SA editing: move the heatmaps by 'dx,dy' (image fractions) over --steps columns")
     p.add_argument('--steps', type=int, default=5, help='columns of the editing grid')
     p.add_argument('--attn-maps', action='store_true', help='SAN attention maps around --points (thesis Fig. 2.5)')
-    p.add_argument('--points', default='0.3,0.3;0.7,0.6', help="points 'x,y;x,y' in [0, 1] for --attn-maps")
+    p.add_argument('--points', type=lambda s: [parse_xy(q) for q in s.split(';')], default='0.3,0.3;0.7,0.6',
+                   help="points 'x,y;x,y' in [0, 1] for --attn-maps")
     p.add_argument('--resolution', type=int, default=256, help='without CKPT: resolution of the table')
     p.add_argument('--channel-base', type=int, default=16384, help='without CKPT: channel base (config E: 16384)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -763,44 +765,39 @@ def main(argv=None):
     if a.steps < 1:
         raise SystemExit(f'error: --steps {a.steps} must be at least 1')
     import data  # only the command line needs it (PNG grids)
-    dev, seeds, rows = torch.device(a.device), parse_seeds(a.seeds), []
+    dev, seeds, rows = torch.device(a.device), a.seeds, []
     for path in a.ckpt:
         G = load_checkpoint(path, dev)['G_ema']
         z = torch.stack([torch.randn(G.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(dev)
-        heat = None
-        if G.uses_heatmaps:
-            hs = [G.sample_heatmaps(1, dev, torch.Generator(dev).manual_seed(s)) for s in seeds]
-            heat = {k: torch.cat([h[k] for h in hs]) for k in hs[0]}
+        hs = [G.sample_heatmaps(1, dev, torch.Generator(dev).manual_seed(s)) for s in seeds] if G.uses_heatmaps else None
+        heat = {k: torch.cat([h[k] for h in hs]) for k in hs[0]} if hs else None
         if plain:
-            with torch.no_grad():
-                rows.append(to_uint8(G(z, psi=a.trunc, cutoff=a.trunc_cutoff, noise_mode='const', heatmaps=heat)))
-    with torch.no_grad():
-        if a.move or a.heatmap_centers:
-            if not G.uses_heatmaps:
-                raise SystemExit('error: this generator has no heatmap input: train with --sel norm to edit by heatmaps')
-            centers = heat['centers']  # [N, n, 2], x right, y down, in [0, 1]
-            if a.heatmap_centers:  # place level 0 there ('hier': the finer centres follow)
-                x, y = parse_xy(a.heatmap_centers, '--heatmap-centers')
-                centers = G.spatial.shift(centers, x - centers[:, 0, 0], y - centers[:, 0, 1])
-            dx, dy = parse_xy(a.move or '0,0', '--move')
-            cols = []
-            for t in torch.linspace(0, 1, a.steps if a.move else 1).tolist():
-                h = G.spatial.render(G.spatial.shift(centers, t * dx, t * dy))
-                cols.append(to_uint8(G(z, psi=a.trunc, cutoff=a.trunc_cutoff, noise_mode='const', heatmaps=h)))
-            imgs = torch.stack(cols, 1).flatten(0, 1)  # rows: seeds, columns: heatmap positions
-            data.save_grid(imgs, a.out, len(cols), a.zoom)
-        elif a.attn_maps:
-            pts = [parse_xy(q, '--points') for q in a.points.split(';')]
-            data.save_grid(attention_maps(G, z, pts, heat), a.out, min(len(seeds), 8), a.zoom)
-        elif len({r.shape[-1] for r in rows}) > 1:
-            raise SystemExit('error: these checkpoints make images of different sizes; compare runs of one --resolution')
-        else:  # one checkpoint: rows of 8; several: one row each
-            data.save_grid(torch.cat(rows), a.out, min(len(seeds), 8) if len(rows) == 1 else len(seeds), a.zoom)
+            rows.append(to_uint8(G(z, psi=a.trunc, cutoff=a.trunc_cutoff, noise_mode='const', heatmaps=heat)))
+    if a.move or a.heatmap_centers:
+        if not G.uses_heatmaps:
+            raise SystemExit('error: this generator has no heatmap input: train with --sel norm to edit by heatmaps')
+        centers = heat['centers']  # [N, n, 2], x right, y down, in [0, 1]
+        if a.heatmap_centers:  # place level 0 there ('hier': the finer centres follow)
+            x, y = a.heatmap_centers
+            centers = G.spatial.shift(centers, x - centers[:, 0, 0], y - centers[:, 0, 1])
+        dx, dy = a.move or (0, 0)
+        cols = []
+        for t in torch.linspace(0, 1, a.steps if a.move else 1).tolist():
+            h = G.spatial.render(G.spatial.shift(centers, t * dx, t * dy))
+            cols.append(to_uint8(G(z, psi=a.trunc, cutoff=a.trunc_cutoff, noise_mode='const', heatmaps=h)))
+        imgs = torch.stack(cols, 1).flatten(0, 1)  # rows: seeds, columns: heatmap positions
+        data.save_grid(imgs, a.out, len(cols), a.zoom)
+    elif a.attn_maps:
+        data.save_grid(attention_maps(G, z, a.points, heat), a.out, min(len(seeds), 8), a.zoom)
+    elif len({r.shape[-1] for r in rows}) > 1:
+        raise SystemExit('error: these checkpoints make images of different sizes; compare runs of one --resolution')
+    else:  # one checkpoint: rows of 8; several: one row each
+        data.save_grid(torch.cat(rows), a.out, min(len(seeds), 8) if len(rows) == 1 else len(seeds), a.zoom)
     print(f'wrote {a.out}')
 
 
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, OSError) as e:  # a missing or foreign checkpoint, a bad --points, an unwritable --out
+    except (ValueError, OSError) as e:  # a missing or foreign checkpoint, an unwritable --out
         raise SystemExit(f'error: {e}')

@@ -1806,6 +1806,13 @@ def test_swd_w1_and_per_channel_normalisation_by_hand():
     assert metrics.sliced_wasserstein(da, db, seed=seed, repeats=repeats, dirs=dirs)[0] == pytest.approx(np.mean(w1), rel=1e-4)
 
 
+class PplStubG:  # w = z, image = w: the PPL tests plant the distances through their own distance function
+    z_dim = 4
+    sample_heatmaps = staticmethod(lambda batch, device: None)
+    map = staticmethod(lambda z, psi=1.0, heatmaps=None: z[:, None])
+    synthesize = staticmethod(lambda w, noise_mode='const', heatmaps=None: w[:, :, :, None])
+
+
 def test_ppl_trims_below_1st_and_above_99th_percentile():
     """A stub G and a distance that returns planted values x eps^2: 200 pairs, 198 of them in [1, 2], one 0 and
     one 1000. numpy's 'lower' 1st percentile of 200 values is the 2nd smallest (index floor(0.01 * 199) = 1),
@@ -1815,13 +1822,7 @@ def test_ppl_trims_below_1st_and_above_99th_percentile():
     planted = planted[torch.randperm(200, generator=g)]
     chunks = iter(planted.split(50))
 
-    class StubG:
-        z_dim = 4
-        sample_heatmaps = staticmethod(lambda batch, device: None)
-        map = staticmethod(lambda z, psi=1.0, heatmaps=None: z[:, None])
-        synthesize = staticmethod(lambda w, noise_mode='const', heatmaps=None: w[:, :, :, None])
-
-    ppl = metrics.perceptual_path_length(StubG(), 200, lambda a, b: next(chunks) * 1e-8, batch=50, epsilon=1e-4,
+    ppl = metrics.perceptual_path_length(PplStubG(), 200, lambda a, b: next(chunks) * 1e-8, batch=50, epsilon=1e-4,
                                          log=lambda *a: None)
     assert ppl == pytest.approx(np.sort(planted.numpy())[1:-1].mean(), rel=1e-9)
 
@@ -2609,7 +2610,7 @@ def test_lazy_alignment_runs_every_n_steps_with_weight_times_n(tmp_path, monkeyp
 # ==============================================================================================
 # model.py command line: samples, heatmap editing, attention maps
 
-def test_model_and_metrics_command_lines_give_one_line_errors(tmp_path):
+def test_model_and_metrics_command_lines_give_one_line_errors(tmp_path, capsys):
     for script, extra in [('model.py', []), ('metrics.py', ['--metrics', 'swd2k'])]:
         r = subprocess.run([sys.executable, os.path.join(HERE, script), str(tmp_path / 'nope.pt'), *extra],
                            capture_output=True, text=True, timeout=300)
@@ -2617,13 +2618,14 @@ def test_model_and_metrics_command_lines_give_one_line_errors(tmp_path):
     (tmp_path / 'junk.pt').write_bytes(b'junk')
     with pytest.raises(ValueError, match=r'junk.pt \(\w+\): a partial or corrupt file; train.py: delete'):
         model.read_checkpoint(str(tmp_path / 'junk.pt'))
-    assert model.parse_seeds('0-2,7') == [0, 1, 2, 7] and model.parse_xy(' 0.3, -1', '--move') == (0.3, -1.0)
-    for bad in ('5-2', '0-x', ''):
-        with pytest.raises(ValueError, match=f"--seeds '{bad}' names no seeds"):
-            model.parse_seeds(bad)
-    for bad in ('0.4', 'a,b', '1,2,3'):
-        with pytest.raises(ValueError, match=f"--move '{bad}' is not 'x,y'"):
-            model.parse_xy(bad, '--move')
+    assert model.parse_seeds('0-2,7') == [0, 1, 2, 7] and model.parse_xy(' 0.3, -1') == (0.3, -1.0)
+    bad_values = [('--seeds', '5-2', 'names no seeds'), ('--seeds', '0-x', 'names no seeds'), ('--move', '0.4', "is not 'x,y'"),
+                  ('--heatmap-centers', 'a,b', "is not 'x,y'"), ('--points', '0.1,0.2;1,2,3', "'1,2,3' is not 'x,y'")]
+    for flag, value, needle in bad_values:  # argparse: usage, then one line naming the flag
+        with pytest.raises(SystemExit) as e:
+            model.main(['x.pt', flag, value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f'error: argument {flag}: ' in err and needle in err, err
 
 
 def test_model_cli_samples_edits_and_attention_maps(tmp_path, capsys):
@@ -3109,13 +3111,7 @@ def test_ppl_uses_exactly_num_pairs():
     planted = torch.tensor([1., 2, 3, 4, 5, 6, 100, 200], dtype=torch.float64)
     chunks = iter(planted.split(4))
 
-    class StubG:
-        z_dim = 4
-        sample_heatmaps = staticmethod(lambda batch, device: None)
-        map = staticmethod(lambda z, psi=1.0, heatmaps=None: z[:, None])
-        synthesize = staticmethod(lambda w, noise_mode='const', heatmaps=None: w[:, :, :, None])
-
-    ppl = metrics.perceptual_path_length(StubG(), 6, lambda a, b: next(chunks) * 1e-8, batch=4, epsilon=1e-4, log=lambda *a: None)
+    ppl = metrics.perceptual_path_length(PplStubG(), 6, lambda a, b: next(chunks) * 1e-8, batch=4, epsilon=1e-4, log=lambda *a: None)
     assert ppl == pytest.approx(3.5, rel=1e-9)
 
 
