@@ -384,7 +384,6 @@ class _Batches(torch.utils.data.Dataset):  # key (indices [b], flips [b]) -> a w
 STOPS = {signal.SIGINT, signal.SIGTERM}
 SIGWAIT = hasattr(signal, 'sigwaitinfo')  # Linux; not macOS or Windows
 
-
 def leave_stop_signals_to_main(worker_id=None):
     """worker_init_fn of loader workers. Ctrl-C reaches the whole process group and a cluster's SIGTERM
     every process, but the main process may go on to finish its step and checkpoint (train.py), so its

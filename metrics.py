@@ -747,7 +747,8 @@ def main():
     a = p.parse_args()
     if a.plot:
         plot_logs(a.plot, a.keys.split(','), a.out, a.title)
-        return print(f'wrote {a.out}')
+        print(f'wrote {a.out}')
+        return
     if a.ckpt is None:
         p.error('give a checkpoint to evaluate, or --plot LOG ...')
     for flag, value in [('--batch', a.batch), ('--num-gen', a.num_gen), ('--max-images', a.max_images)]:

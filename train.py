@@ -278,7 +278,7 @@ def last_good(args):
     last = checkpoint_paths(args.out)
     fix = 'a lower --lr or --gamma' + (', or --amp none' if args.amp != 'none' else '')
     return (f'the last good checkpoint is {last[-1]}: resume from it with {fix}' if last else
-            f'no checkpoint was written yet: start again (--resume none, another --out) with {fix}')
+            f'no checkpoint was written yet: start again with {fix}')
 
 
 def _differing(keys, saved, args):
