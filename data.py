@@ -258,12 +258,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             else:
                 good.append(n)
         self.bad = unreadable + small                    # every file dropped here, with the reason
-        if unreadable and not skip_bad:
-            raise DataError(f'{len(unreadable)} file(s) under {path} are not readable images: {_few([n for n, _ in unreadable])}; '
-                            f'delete or re-save them, or pass --skip-bad to drop them')
-        if small and not skip_bad:
-            raise DataError(f'{len(small)} image(s) under {path} are smaller than --resolution {resolution} on their short side: '
-                            f'{_few([n for n, _ in small])}; lower --resolution or pass --skip-bad to drop them')
+        if self.bad and not skip_bad:  # both kinds in one line: one round of fixing
+            kinds = ([f'{len(unreadable)} file(s) are not readable images: {_few([n for n, _ in unreadable])}'] if unreadable else []) + \
+                    ([f'{len(small)} image(s) are smaller than --resolution {resolution} on their short side: '
+                      f'{_few([n for n, _ in small])}'] if small else [])
+            raise DataError(f'under {path}, {"; ".join(kinds)}; ' + ('delete or re-save them, ' if unreadable else '')
+                            + ('lower --resolution, ' if small else '') + 'or pass --skip-bad to drop them')
         if not good:
             raise DataError(f'all {len(self.bad)} image(s) under {path} are bad or too small, e.g. {self.bad[0][0]} '
                             f'({self.bad[0][1]}); fix the files or lower --resolution')

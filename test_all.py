@@ -1225,11 +1225,13 @@ def _data_bad_folder(root):
 def test_data_bad_files_named(tmp_path):
     root = str(tmp_path / 'bad')
     _data_bad_folder(root)
-    with pytest.raises(data.DataError, match=r'1 file\(s\) .* not readable images: fake.jpg') as e:
-        data.make_dataset(root, 32)
-    assert '\n' not in str(e.value) and '--skip-bad' in str(e.value)
+    with pytest.raises(data.DataError, match=r'1 file\(s\) are not readable images: fake.jpg; 1 image\(s\) are smaller '
+                                             r'than --resolution 32 on their short side: small.png; delete or re-save them, '
+                                             r'lower --resolution, or pass --skip-bad') as e:
+        data.make_dataset(root, 32)  # both kinds at once
+    assert '\n' not in str(e.value)
     os.remove(os.path.join(root, 'fake.jpg'))
-    with pytest.raises(data.DataError, match=r'1 image\(s\) .* smaller than --resolution 32.*small.png.*lower --resolution') as e:
+    with pytest.raises(data.DataError, match=r'1 image\(s\) are smaller than --resolution 32.*small.png; lower --resolution, or') as e:
         data.make_dataset(root, 32)
     os.remove(os.path.join(root, 'small.png'))
     ds = data.make_dataset(root, 32)                                      # truncation is found when decoded
