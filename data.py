@@ -435,7 +435,8 @@ def save_grid(images, path, cols=None, zoom=1):
     images = torch.as_tensor(images).cpu()
     assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] == 3, (images.dtype, images.shape)
     n, _, h, w = images.shape
-    cols = cols or -(-n // max(1, int(math.sqrt(n))))
+    r = max(1, math.isqrt(n))  # default: about square, a divisor of n if one is near (32: 8 x 4, not 7 x 5 and 3 empty)
+    cols = cols or next((c for c in range(r, 2 * r + 1) if n % c == 0), -(-n // r))
     rows = -(-n // cols)
     grid = torch.zeros(rows * cols, 3, h, w, dtype=torch.uint8)                  # empty cells stay black
     grid[:n] = images

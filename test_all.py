@@ -1470,6 +1470,8 @@ def test_data_save_grid(tmp_path):
     assert np.array_equal(g[16:, 16:32], imgs[4].permute(1, 2, 0).numpy()) and not g[16:, 32:].any()
     data.save_grid(imgs, tmp_path / 'r.png', cols=1)
     assert np.asarray(Image.open(tmp_path / 'r.png')).shape == (80, 16, 3)
+    data.save_grid(torch.cat([imgs] * 7)[:32], tmp_path / 's.png')  # train.py's 32-image grids: 8 x 4, no empty cell
+    assert np.asarray(Image.open(tmp_path / 's.png')).shape == (4 * 16, 8 * 16, 3)
 
 
 # ==============================================================================================
