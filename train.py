@@ -685,18 +685,19 @@ def reduced_stats(stats, extremes, world):
 def trim_log(path, step):
     """A resumed run drops the log lines past its checkpoint's step (it writes them again); a new run
     starts an empty log. Returns the records kept."""
-    keep = []
+    keep = []  # (line, record)
     if os.path.isfile(path):
         for line in open(path):
             try:
-                if json.loads(line)['step'] <= step:
-                    keep.append(line)
+                record = json.loads(line)
+                if record['step'] <= step:
+                    keep.append((line, record))
             except (ValueError, KeyError, TypeError):  # a line cut short by a crash
                 pass
     with open(path + '.tmp', 'w') as f:
-        f.writelines(keep)
+        f.writelines(line for line, _ in keep)
     os.replace(path + '.tmp', path)
-    return [json.loads(line) for line in keep]
+    return [record for _, record in keep]
 
 
 def snapshot(args, rank, world, device, step, nimg, G, G_ema, checkpoint, grid_z, grid_h):
