@@ -712,6 +712,22 @@ def test_attention_every_combination_forward_backward(g_attn, d_attn):
         assert isinstance(layer.attn, torch.nn.Module) and not hasattr(layer, 'weight') and not hasattr(layer, 'affine')
 
 
+@pytest.mark.parametrize('kw', [dict(g_attn='san', d_attn='self'), dict(d_attn='ref'), dict(sel='norm'), dict(sel='flatten')])
+def test_networks_compile_without_graph_breaks(kw):
+    """--compile: G (style mixing, given noise, heatmaps) and D (features, GradCAM maps) trace as one
+    graph each (fullgraph=True raises at a graph break); dynamo only, no code generation."""
+    G, D = tiny(**kw)
+    gen = torch.Generator().manual_seed(0)
+    z, z2 = torch.randn(4, 32, generator=gen), torch.randn(4, 32, generator=gen)
+    args = dict(heatmaps=G.sample_heatmaps(4, 'cpu', gen), mix_z=z2, mix_cutoff=torch.tensor(3),
+                noise=[torch.randn(4, 1, r, r, generator=gen) for r in G.noise_res])
+    img = torch.compile(G, backend='eager', fullgraph=True)(z, **args)
+    assert torch.equal(img, G(z, **args))
+    ref = torch.rand(4, 3, 16, 16) * 2 - 1 if D.needs_ref else None
+    logits, feat, maps = torch.compile(D, backend='eager', fullgraph=True)(img, ref, return_features=True, return_maps=True)
+    assert torch.equal(logits, D(img, ref)) and feat.shape == (4, 32) and sorted(maps) == [4, 8]
+
+
 @pytest.mark.parametrize('res', [8, 16])  # 16: the fusion in the first block (fromrgb of both streams)
 def test_reference_attention_discriminator_is_siamese(res):
     _, D = tiny(d_attn='ref', d_attn_res=res)
