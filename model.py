@@ -302,7 +302,7 @@ class Generator(nn.Module):
         ch = channels_per_res(channel_base, channel_max, resolution)
         if g_attn != 'none' and not (g_attn_res >= 8 and g_attn_res in ch):
             raise ValueError(f'--g-attn-res {g_attn_res} is not a G resolution; use a power of two in [8, {resolution}]')
-        self.spatial = make_spatial_encoding(sel, heatmap, resolution, ch)  # None without EqGAN-SA
+        self.spatial = SpatialEncoding(sel, heatmap, resolution, ch) if sel != 'none' else None  # EqGAN-SA
         self.synthesis = nn.Module()
         self.res_list = sorted(ch)
         for res in self.res_list:
@@ -575,6 +575,10 @@ class SpatialEncoding(nn.Module):
 
     def __init__(self, sel, heatmap, resolution, channels, hidden=HEAT_HIDDEN):
         super().__init__()
+        if sel not in SEL_KINDS[1:]:
+            raise ValueError(f'unknown --sel {sel!r}; choose one of {", ".join(SEL_KINDS)}')
+        if heatmap not in HEATMAP_KINDS:
+            raise ValueError(f'unknown --heatmap {heatmap!r}; choose one of {", ".join(HEATMAP_KINDS)}')
         self.sel, self.mode, self.hidden, self.channels = sel, heatmap, hidden, dict(channels)
         self.levels = [(r, n, s) for (r, n), s in zip(HEAT_LEVELS, HEAT_SIGMAS) if r <= resolution]
         self.num_centers = sum(n for _, n, _ in self.levels)
@@ -644,17 +648,6 @@ class SpatialEncoding(nn.Module):
         return nn.ModuleList([kind(self.channels[res], self.hidden) for _ in range(2)])
 
 
-def make_spatial_encoding(sel, heatmap, resolution, channels):
-    """The EqGAN-SA module of G (a SpatialEncoding), or None for sel='none'."""
-    if sel not in SEL_KINDS:
-        raise ValueError(f'unknown --sel {sel!r}; choose one of {", ".join(SEL_KINDS)}')
-    if sel == 'none':
-        return None
-    if heatmap not in HEATMAP_KINDS:
-        raise ValueError(f'unknown --heatmap {heatmap!r}; choose one of {", ".join(HEATMAP_KINDS)}')
-    return SpatialEncoding(sel, heatmap, resolution, channels)
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line: parameter counts, samples, heatmap editing (EqGAN-SA Fig. 5), attention maps (Fig. 2.5)
 
@@ -695,11 +688,12 @@ def parse_seeds(s):  # argument types: argparse names the flag and the value in 
     return seeds
 
 
-def parse_xy(s):
-    """'x,y' -> (x, y)"""
-    if not re.fullmatch(r' *[-+]?[\d.]+ *, *[-+]?[\d.]+ *', s):
-        raise argparse.ArgumentTypeError(f"{s!r} is not 'x,y' (two numbers)")
-    return tuple(float(v) for v in s.split(','))
+def parse_xy(s, inside=False):
+    """'x,y' -> (x, y); inside: both in [0, 1] (a point of the image)"""
+    xy = tuple(float(v) for v in s.split(',')) if re.fullmatch(r' *{0} *, *{0} *'.format(r'[-+]?(\d+\.?\d*|\.\d+)'), s) else ()
+    if not xy or inside and not all(0 <= v <= 1 for v in xy):
+        raise argparse.ArgumentTypeError(f"{s!r} is not 'x,y' (two numbers{', in [0, 1]' if inside else ''})")
+    return xy
 
 
 def to_uint8(img):
@@ -743,11 +737,11 @@ def main(argv=None):
     p.add_argument('--trunc-cutoff', type=int, help='truncate only the first N ws')
     p.add_argument('--out', default='samples.png', help='output PNG')
     p.add_argument('--zoom', type=int, default=1, help='enlarge the PNG N times (nearest neighbour), for small images')
-    p.add_argument('--heatmap-centers', type=parse_xy, help="EqGAN-SA editing: level-0 heatmap centre 'x,y' in [0, 1] (default: sampled)")
+    p.add_argument('--heatmap-centers', type=lambda s: parse_xy(s, inside=True), help="EqGAN-SA editing: level-0 heatmap centre 'x,y' in [0, 1] (default: sampled)")
     p.add_argument('--move', type=parse_xy, help="EqGAN-SA editing: move the heatmaps by 'dx,dy' (image fractions) over --steps columns")
     p.add_argument('--steps', type=int, default=5, help='columns of the editing grid')
     p.add_argument('--attn-maps', action='store_true', help='SAN attention maps around --points (thesis Fig. 2.5)')
-    p.add_argument('--points', type=lambda s: [parse_xy(q) for q in s.split(';')], default='0.3,0.3;0.7,0.6',
+    p.add_argument('--points', type=lambda s: [parse_xy(q, inside=True) for q in s.split(';')], default='0.3,0.3;0.7,0.6',
                    help="points 'x,y;x,y' in [0, 1] for --attn-maps")
     p.add_argument('--resolution', type=int, default=256, help='without CKPT: resolution of the table')
     p.add_argument('--channel-base', type=int, default=16384, help='without CKPT: channel base (config E: 16384)')

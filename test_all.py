@@ -784,7 +784,7 @@ def tiny_d(res=16, **kw):
 
 
 def sp_make(heatmap='hier', sel='norm', res=16):
-    return model.make_spatial_encoding(sel, heatmap, res, model.channels_per_res(256, 32, res))
+    return model.SpatialEncoding(sel, heatmap, res, model.channels_per_res(256, 32, res))
 
 
 def sp_draw(sp, n, seed=0):
@@ -895,18 +895,19 @@ def test_shift():
     assert torch.allclose(moved[:, 1:3], c[:, 1:3] + d) and torch.equal(moved[:, [0, 3, 4, 5, 6]], c[:, [0, 3, 4, 5, 6]])
 
 
-def test_make_spatial_encoding_kinds():
+def test_spatial_encoding_kinds():
     ch = model.channels_per_res(256, 32, 32)
-    assert model.make_spatial_encoding('none', 'hier', 32, ch) is None
+    assert model.Generator(32, **TINY_G, sel='none').spatial is None
+    for sel, heatmap, bad in [('spade', 'hier', '--sel'), ('none', 'hier', '--sel'), ('norm', 'gauss', '--heatmap')]:
+        with pytest.raises(ValueError, match=bad):
+            model.SpatialEncoding(sel, heatmap, 32, ch)
     with pytest.raises(ValueError, match='--sel'):
-        model.make_spatial_encoding('spade', 'hier', 32, ch)
-    with pytest.raises(ValueError, match='--heatmap'):
-        model.make_spatial_encoding('norm', 'gauss', 32, ch)
-    fl = model.make_spatial_encoding('flatten', 'hier', 32, ch)
+        model.Generator(32, **TINY_G, sel='spade')
+    fl = model.SpatialEncoding('flatten', 'hier', 32, ch)
     h = sp_draw(fl, 3)
     assert fl.flat_dim == 16 + 64 + 256 and fl.flat(h).shape == (3, 336) and fl.encode(h) == {}
     assert fl.sel_for(8) is None and len(list(fl.parameters())) == 0
-    no = model.make_spatial_encoding('norm', 'hier', 32, ch)
+    no = model.SpatialEncoding('norm', 'hier', 32, ch)
     assert no.flat_dim == 0 and no.flat(h) is None and no.sel_for(32) is None
     assert {r: v.shape for r, v in no.encode(h).items()} == {r: (3, model.HEAT_HIDDEN, r, r) for r in (4, 8, 16)}
 
@@ -2640,7 +2641,9 @@ def test_model_and_metrics_command_lines_give_one_line_errors(tmp_path, capsys):
         model.read_checkpoint(str(tmp_path / 'junk.pt'))
     assert model.parse_seeds('0-2,7') == [0, 1, 2, 7] and model.parse_xy(' 0.3, -1') == (0.3, -1.0)
     bad_values = [('--seeds', '5-2', 'names no seeds'), ('--seeds', '0-x', 'names no seeds'), ('--move', '0.4', "is not 'x,y'"),
-                  ('--heatmap-centers', 'a,b', "is not 'x,y'"), ('--points', '0.1,0.2;1,2,3', "'1,2,3' is not 'x,y'")]
+                  ('--move', '1.2.3,0', "is not 'x,y'"), ('--heatmap-centers', 'a,b', "is not 'x,y'"),
+                  ('--heatmap-centers', '1.5,0.5', 'in [0, 1]'), ('--points', '0.1,0.2;1,2,3', "'1,2,3' is not 'x,y'"),
+                  ('--points', '0.1,0.2;0.5,-0.1', "'0.5,-0.1' is not 'x,y' (two numbers, in [0, 1])")]
     for flag, value, needle in bad_values:  # argparse: usage, then one line naming the flag
         with pytest.raises(SystemExit) as e:
             model.main(['x.pt', flag, value])
