@@ -317,6 +317,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     print(f'data: skipping {name}, it could not be decoded ({e})', file=sys.stderr)
         raise DataError(f'no image under {self.path} could be decoded; run python data.py --data {self.path} --check')
 
+
 def check_images(path, resolution):
     """Decode every image; returns [(name, reason)] for all bad files (non-images, too small, corrupt)."""
     ds = ImageFolderDataset(path, resolution, skip_bad=True)
