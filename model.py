@@ -493,7 +493,11 @@ def load_checkpoint(path, device='cpu'):
     out = dict(args=ckpt['args'], step=ckpt['step'], nimg=ckpt['nimg'])
     G, D = build_networks(ckpt['args'])
     for key, net in [('G', G), ('D', D), ('G_ema', copy.deepcopy(G))]:
-        net.load_state_dict(ckpt[key])
+        try:
+            net.load_state_dict(ckpt[key])
+        except (KeyError, RuntimeError) as e:  # missing / unexpected / misshapen tensors
+            raise ValueError(f'{path}: its {key} does not fit the networks its args describe '
+                             f'({" ".join(str(e).split())[:200]}); a checkpoint of another version of this code?') from None
         out[key] = net.to(device).eval().requires_grad_(False)
     return out
 

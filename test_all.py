@@ -6,6 +6,7 @@ identities, training against resume and DDP (2 gloo processes) equivalence.
 import copy
 import glob
 import hashlib
+import inspect
 import io
 import itertools
 import json
@@ -73,6 +74,16 @@ def test_config_e_f_parameter_counts():
     cfg = dict(TINY, resolution=256, z_dim=512, w_dim=512, map_layers=8, channel_max=512)
     G, D = model.build_networks(dict(cfg, channel_base=16384))
     assert round((n(G) + n(D)) / 1e6, 2) == 48.77
+    # exactly, layer by layer as the official networks count them (noise_const is a buffer): a conv layer is
+    # weight + style affine (w_dim x C_in + bias) + bias + noise strength; D convs and FCs have biases, the skip none
+    ch, W = model.channels_per_res(16384, 512, 256), 512
+    g = 8 * (W * W + W) + 16 * ch[4]  # mapping, const
+    for r, c in ch.items():
+        convs = [(c, c)] if r == 4 else [(ch[r // 2], c), (c, c)]
+        g += sum(i * o * 9 + W * i + i + o + 1 for i, o in convs) + 3 * c + W * c + c + 3  # ... + toRGB
+    d = 4 * ch[256] + sum(c * c * 9 + c + c * o * 9 + o + c * o for r, c in ch.items() if r > 4 for o in [ch[r // 2]])
+    d += (ch[4] + 1) * ch[4] * 9 + ch[4] + 16 * ch[4] ** 2 + ch[4] + ch[4] + 1  # epilogue: mbstd conv, fc, out
+    assert (n(G), n(D)) == (g, d) == (24767458, 24001089)
     assert G.synthesis.b32.conv1.weight.shape == (512, 512, 3, 3) and D.b256.fromrgb.weight.shape == (64, 3, 1, 1)
     G, D = model.build_networks(dict(cfg, channel_base=32768))  # config F: twice the channels below 512
     assert D.b256.fromrgb.weight.shape == (128, 3, 1, 1) and G.synthesis.b256.conv1.weight.shape == (128, 128, 3, 3)
@@ -144,6 +155,25 @@ def test_modulated_conv_under_fp16_autocast_does_not_overflow(fused):
     with torch.autocast('cpu', dtype=torch.float16):
         y = model.modulated_conv2d(x, weight, styles, fused=fused)
     assert y.dtype == torch.float16 and torch.allclose(y.float(), ref, atol=2e-2), (y.float() - ref).abs().max()
+
+
+@pytest.mark.parametrize('case', ['large x', 'large styles', 'fp16 tensors'])
+@pytest.mark.parametrize('fused', [False, True])
+def test_fp16_prenormalisation_keeps_correlated_sums_finite(case, fused):
+    """All-positive x, weights and styles: nothing cancels in the 512 x 9 sums of the conv, so only the
+    official pre-normalisation (weights by their max / sqrt(fan-in), styles by their max) keeps them
+    under fp16's 65504; demodulation undoes it. Under autocast, and with fp16 tensors (no autocast)."""
+    torch.manual_seed(0)
+    x, weight = torch.full((1, 512, 4, 4), 1.0 if case == 'large styles' else 100.0), torch.rand(4, 512, 3, 3)
+    styles = (3000 if case == 'large styles' else 1) + torch.rand(1, 512)
+    ref = reference_modconv(x.double(), weight.double(), styles.double(), True, 1).float()
+    if case == 'fp16 tensors':
+        y = model.modulated_conv2d(x.half(), weight.half(), styles.half(), fused=fused)
+    else:
+        with torch.autocast('cpu', dtype=torch.float16):
+            y = model.modulated_conv2d(x, weight, styles, fused=fused)
+    assert y.dtype == torch.float16 and y.isfinite().all()
+    assert torch.allclose(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
 def test_demodulation_gives_unit_variance():
@@ -391,6 +421,7 @@ def test_path_length_penalty_hand_computation():
     lengths = ((y / 4).flatten(1) @ M.t()).norm(dim=1)  # 1 / sqrt(H W) = 1 / 4
     assert torch.allclose(pl_mean, 3.0 + 0.01 * (lengths.mean() - 3.0), rtol=1e-5)
     assert torch.allclose(pen, (lengths - pl_mean).square(), rtol=1e-4)
+    assert not pl_mean.requires_grad  # the running mean is a constant of the penalty: no graph kept across steps
 
 
 # ==============================================================================================
@@ -579,6 +610,26 @@ def test_attention_ref_routes_k_q_v(eq, srcs):
     assert (m(pri, ref2) - y).abs().max() > 1e-3
     for name, c in zip(('key', 'query', 'value'), srcs):
         assert seen[name] is (ref2 if c == 'r' else pri), (eq, name)
+
+
+def test_attention_and_alignment_defaults():
+    """The defaults a user copying attention.py / losses.py gets: DFN's MLP of width C/8 (the heavy row of
+    Table 2.4), VT heads of width 64, reference-attention as Eq. 2.8, the alignment loss as the paper reads."""
+    assert attention.DFN(64).fc1.weight.shape[0] == 8 and attention.VT(128).heads == 2
+    assert attention.RefAttention(16, patch=3, reduction=4, share=4).eq == 8
+    default = inspect.signature(losses.align_loss).parameters
+    assert {k: default[k].default for k in ('tau', 'truncation', 'cam_weights')} == dict(tau=0.25, truncation='paper',
+                                                                                        cam_weights='graph')
+
+
+def test_san_aggregation_sums_bf16_in_fp32():
+    """Under bf16 the 81 products of Eq. 2.6 are summed in fp32 and rounded once: within bf16's rounding
+    (2^-8) of the exact sum of the rounded inputs; summing in bf16 is off by about 3% here."""
+    torch.manual_seed(0)
+    v, w = (torch.rand(2, 4, 8, 16, 16) + 1).bfloat16(), torch.rand(2, 8, 81, 16, 16).bfloat16()
+    exact = attention._agg(v.double(), w.double(), 9)
+    got = attention.agg(v, w, 9)
+    assert got.dtype == torch.bfloat16 and ((got.double() - exact) / exact).abs().max() < 2 ** -8
 
 
 def test_attention_ref_eq8_value_only_from_primary():
@@ -864,6 +915,7 @@ def test_render_values():
     assert h['h4'][0, 0, 2, 1].item() == pytest.approx(1.0)  # row 2 (y = 0.625), column 1 (x = 0.375)
     assert h['h4'][0, 0, 0, 3].item() == pytest.approx(math.exp(-d2(0.875, 0.125, 0.375, 0.625) / (2 * s0 ** 2)), rel=1e-5)
     assert h['h8'][0, 0, 4, 2].item() == pytest.approx(2.0)  # two coincident level-1 blobs sum
+    assert h['h8'][0, 0, 4, 0].item() == pytest.approx(2 * math.exp(-(2 / 8) ** 2 / (2 * (1 / 8) ** 2)), rel=1e-5)  # width 1/8
     assert h['h16'][0, 0, 0, 15].item() == pytest.approx(1.0, abs=1e-3)  # the last blob's own pixel (others far)
     assert h['h16'][0, 0, 0, 0].item() == pytest.approx(3 * math.exp(-2 * (1 / 32) ** 2 / (2 * (1 / 16) ** 2)), rel=1e-5)
     assert sp.render(c.repeat(3, 1, 1))['h8'].shape == (3, 1, 8, 8)
@@ -950,6 +1002,28 @@ def test_sel_norm_eq3():
     y = layer(x, h) - x
     g = 1 + F.conv2d(h, layer.gamma.weight * layer.gamma.weight_gain, layer.gamma.bias, padding=1)  # [3, 1, 8, 8]
     assert torch.allclose(y, layer.alpha.view(1, -1, 1, 1) * (g * F.instance_norm(x, eps=1e-5) - 0.3), atol=1e-4)
+
+
+def test_heatmap_encoder_and_sel_placement():
+    """h = lrelu(conv3x3(H) + b) sqrt 2 per level (equalized lr: weight / sqrt(9)); each block has two SELs
+    of its own, one between conv0 (or the const) and conv1, one between conv1 and toRGB."""
+    G = tiny_g('norm')
+    with torch.no_grad():
+        for e in G.spatial.enc.values():
+            e.bias.normal_()
+    h = G.sample_heatmaps(2, 'cpu', torch.Generator().manual_seed(0))
+    for r, got in G.spatial.encode(h).items():
+        e = G.spatial.enc[str(r)]
+        assert torch.allclose(got, LRELU(F.conv2d(h[f'h{r}'], e.weight / 3, e.bias, padding=1)), atol=1e-6)
+    ids = [id(p) for p in G.parameters()]
+    assert len(ids) == len(set(ids))  # no SEL module or parameter shared between places
+    seen = []
+    for name, m in G.synthesis.named_modules():
+        if isinstance(m, (model.SELNorm, model.SynthesisLayer, model.ToRGB)):
+            m.register_forward_pre_hook(lambda mod, args, name=name: seen.append(name))
+    G(torch.randn(1, 32), noise_mode='const')
+    assert seen == ['b4.sel.0', 'b4.conv1', 'b4.sel.1', 'b4.torgb', 'b8.conv0', 'b8.sel.0', 'b8.conv1', 'b8.sel.1',
+                    'b8.torgb', 'b16.conv0', 'b16.sel.0', 'b16.conv1', 'b16.sel.1', 'b16.torgb']
 
 
 @pytest.mark.parametrize('heatmap', ['hier', 'nonhier', 'noise'])
@@ -2639,6 +2713,14 @@ def test_model_and_metrics_command_lines_give_one_line_errors(tmp_path, capsys):
     (tmp_path / 'junk.pt').write_bytes(b'junk')
     with pytest.raises(ValueError, match=r'junk.pt \(\w+\): a partial or corrupt file; train.py: delete'):
         model.read_checkpoint(str(tmp_path / 'junk.pt'))
+    G, D = tiny()
+    ckpt = dict(G=G.state_dict(), D=D.state_dict(), G_ema=G.state_dict(), args=TINY, step=0, nimg=0)
+    torch.save({**ckpt, 'D': {k: v for k, v in D.state_dict().items() if k != 'b4.out.bias'}}, tmp_path / 'part.pt')
+    with pytest.raises(ValueError, match=r'part.pt: its D does not fit .*b4\.out\.bias.*another version'):
+        model.load_checkpoint(str(tmp_path / 'part.pt'))
+    torch.save({k: v for k, v in ckpt.items() if k != 'G_ema'}, tmp_path / 'no_ema.pt')
+    with pytest.raises(ValueError, match='no_ema.pt is not a checkpoint of this project'):
+        model.read_checkpoint(str(tmp_path / 'no_ema.pt'))
     assert model.parse_seeds('0-2,7') == [0, 1, 2, 7] and model.parse_xy(' 0.3, -1') == (0.3, -1.0)
     bad_values = [('--seeds', '5-2', 'names no seeds'), ('--seeds', '0-x', 'names no seeds'), ('--move', '0.4', "is not 'x,y'"),
                   ('--move', '1.2.3,0', "is not 'x,y'"), ('--heatmap-centers', 'a,b', "is not 'x,y'"),
@@ -2719,6 +2801,19 @@ def test_synthesis_layer_noise_by_hand():
     assert close(m(x, w, noise_mode='none'), LRELU(y + b))
     assert close(m(x, w, noise_mode='const'), LRELU(y + 0.7 * m.noise_const + b))
     assert close(m(x, w, noise=noise), LRELU(y + 0.7 * noise + b))
+    torch.manual_seed(1)  # 'random': one fresh [B, 1, res, res] map, shared by all channels
+    got = m(x, w, noise_mode='random')
+    torch.manual_seed(1)
+    assert close(got, m(x, w, noise=torch.randn(2, 1, 8, 8, dtype=torch.float64)))
+
+
+def test_initial_values_follow_the_official_code():
+    """Style affines start with bias 1 (styles ~ 1), noise strengths at 0, SEL gains alpha at 0."""
+    G = tiny_g('norm')
+    layers = [m for m in G.modules() if isinstance(m, (model.SynthesisLayer, model.ToRGB))]
+    assert len(layers) == 8 and all(torch.equal(m.affine.bias, torch.ones(m.affine.bias.shape)) for m in layers)
+    assert all(m.noise_strength.item() == 0 for m in layers if isinstance(m, model.SynthesisLayer))
+    assert all(not m.alpha.any() for m in G.modules() if isinstance(m, model.SELNorm))
 
 
 def test_synthesis_consumes_ws_and_noise_in_stylegan2_order():
