@@ -202,7 +202,7 @@ def align_loss(logits, maps, heatmaps, tau=0.25, truncation='paper', cam_weights
     """Eq. 4: L_align = || GradCAM_D[G(H, z)] - H ||_1, truncated below tau, from the same D forward as
     the adversarial loss: `logits, maps = D(fake, ref, return_maps=True)`. heatmaps: G's dict
     ({'h4': [B, 1, 4, 4], 'h8', 'h16'}); compared at the levels D has maps for (4, 8 and, from 32 px, 16),
-    each min-max normalised per sample (CAM resized to the heatmap's size if they differ); the loss is
+    each min-max normalised per sample (maps[r] and 'h{r}' are both r x r); the loss is
     the sum over levels of each level's truncated mean (weight 1 per level, as the authors' code).
     cam_weights: 'graph' or 'detached', see gradcam."""
     levels = [r for r in sorted(maps) if f'h{r}' in heatmaps]
@@ -211,9 +211,6 @@ def align_loss(logits, maps, heatmaps, tau=0.25, truncation='paper', cam_weights
     cams = gradcam(logits, maps, levels, cam_weights)
     loss = 0
     for r in levels:
-        h = minmax(heatmaps[f'h{r}'].float())  # [B, 1, r, r]
-        cam = cams[r]
-        if cam.shape[-2:] != h.shape[-2:]:
-            cam = F.interpolate(cam, size=h.shape[-2:], mode='bilinear', align_corners=False)
-        loss = loss + truncated_l1(cam - h, tau, truncation)
+        h = minmax(heatmaps[f'h{r}'].float())  # [B, 1, r, r], as cams[r]
+        loss = loss + truncated_l1(cams[r] - h, tau, truncation)
     return loss
