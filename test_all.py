@@ -3,6 +3,7 @@ The test suite: CPU only, tiny networks, 16-32 px; `python -m pytest -q test_all
 on 2 cores). Formulas are checked against independent hand computations, gradients against autograd
 identities, training against resume and DDP (2 gloo processes) equivalence.
 """
+import contextlib
 import copy
 import glob
 import hashlib
@@ -2232,6 +2233,27 @@ def test_resume_evaluates_the_metrics_a_stop_interrupted(tmp_path, monkeypatch, 
     assert 'the run is already at 0.024 kimg: raise --kimg to go on' in capsys.readouterr().out
 
 
+def test_a_stop_leaves_its_steps_metrics_to_the_resume(tmp_path, monkeypatch):
+    """A SIGTERM during a step whose metrics are due (a cluster's grace period is short; fid50k is
+    long) checkpoints and exits at once; the resume evaluates those metrics first."""
+    calls = []
+    monkeypatch.setattr(metrics, 'evaluate', lambda names, G_ema, *a, **k: calls.append(names) or {'m': len(calls)})
+    out = str(tmp_path / 'run')
+
+    class Late(list):  # the signal arrives during step 2, after step 1's metrics
+        def __bool__(self):
+            return len(glob.glob(f'{out}/ckpt-*.pt')) >= 2
+    monkeypatch.setattr(train, 'stop_requests', contextlib.contextmanager(lambda rank, world: iter([Late([(15, 0.0)])])))
+    flags = ['--kimg', '0.024', '--snap-kimg', '0.008', '--metrics', 'swd2k', '--metrics-kimg', '0.008']
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, *flags)
+    assert e.value.code == 128 + 15 and len(calls) == 1 and os.path.isfile(f'{out}/ckpt-0000002.pt')
+    monkeypatch.undo()  # the real signal handling, metrics stubbed again
+    monkeypatch.setattr(metrics, 'evaluate', lambda names, G_ema, *a, **k: calls.append(names) or {'m': len(calls)})
+    run_train(tmp_path, *flags)
+    assert [r['step'] for r in map(json.loads, open(f'{out}/log.jsonl')) if 'metrics' in r] == [1, 2, 3]
+
+
 def test_resume_may_switch_to_fp16_loss_scaling(tmp_path, monkeypatch):
     """A run without fp16 saves empty GradScaler states; resumed with --amp fp16 (a GPU flag, let
     through on the CPU here) the scalers start a new scale instead of failing to load them; the
@@ -2653,6 +2675,22 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, monkey
     assert load(before[-1])['step'] == 2
     err = expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'new'), '--kimg', '0.032'], 'non-finite D/loss')
     assert 'no checkpoint was written yet' in err and '--amp none' not in err  # nothing to resume, --amp already none
+
+
+def test_no_checkpoint_from_non_finite_d_weights(tmp_path, capsys, monkeypatch):
+    """D's weights count too: G stays finite when D is not (its non-finite gradients are zeroed)."""
+    real_step = train.phase_step
+
+    def poison_d(net, *a):
+        real_step(net, *a)
+        if isinstance(net, model.Discriminator):
+            with torch.no_grad():
+                net.b4.out.bias.fill_(float('nan'))
+    monkeypatch.setattr(train, 'phase_step', poison_d)
+    out = str(tmp_path / 'nan-d')  # no log line before the first snapshot: the snapshot's own check
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--kimg', '0.016', '--snap-kimg', '0.008', '--log-sec', '1e9'],
+                 'G or D weights became non-finite at kimg 0.01')
+    assert not glob.glob(f'{out}/ckpt-*')
 
 
 def test_keep_freed_memory_sets_glibc_options_unless_the_user_did(monkeypatch):

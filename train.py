@@ -228,7 +228,7 @@ def keep_freed_memory():
     """glibc hands blocks over 32 MB (and the heap's top) back to the OS when freed, so a CPU step's
     large tensors come back as fresh pages, zeroed one page fault at a time. Keep freed memory for
     reuse instead, as the MALLOC_*_ environment variables would (a user's own settings win): at the
-    cpu preset -2% step time, with SAN -9%. A no-op where libc is not glibc."""
+    cpu preset -4% step time, with SAN -11% (README). A no-op where libc is not glibc."""
     if any(k.startswith('MALLOC_') for k in os.environ):
         return
     try:
@@ -582,6 +582,8 @@ def train(args, rank, world, device):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctl)
         return bool(t[0]), bool(t[1])
 
+    finite = lambda: all(bool(torch.isfinite(p).all()) for net in (G, D) for p in net.parameters())
+
     def checkpoint(step, nimg):  # the weights are the same on every process: any one of them may write them
         state = dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), opt_G=opt_G.state_dict(),
                      opt_D=opt_D.state_dict(), scaler_G=scaler_G.state_dict(), scaler_D=scaler_D.state_dict(),
@@ -630,7 +632,7 @@ def train(args, rank, world, device):
         extremes.clear()
 
     def save():  # image grid and checkpoint of this step
-        snapshot(args, rank, world, device, step, nimg, G, G_ema, lambda: checkpoint(step, nimg),
+        snapshot(args, rank, world, device, step, nimg, finite(), G_ema, lambda: checkpoint(step, nimg),
                  grid_z if rank == 0 else None, grid_h if rank == 0 else None)
 
     t_log = t_start = time.time()
@@ -651,7 +653,7 @@ def train(args, rank, world, device):
                 real_u8 = next(loader)
                 ref_u8 = next(ref_loader) if ref_loader is not None else None
             except data.DataError:  # e.g. a truncated image: keep the steps since the last snapshot
-                if step > saved and all(torch.isfinite(p).all() for p in G.parameters()):
+                if step > saved and finite():
                     checkpoint(step, nimg)
                 raise
             train_step(step, real_u8, ref_u8)
@@ -663,7 +665,7 @@ def train(args, rank, world, device):
             if due(args.snap_kimg) or done:
                 save()
                 saved = step
-            if metrics_due():
+            if metrics_due() and (done or not agree(False, bool(stop))[1]):  # after a stop, the resume evaluates them
                 t_log += measure()  # metric time does not count as training speed
     print0(f'done: {nimg / 1000:.2f} kimg in {fmt_time(time.time() - t_start)}; checkpoints in {args.out}', rank=rank)
     return 0
@@ -700,13 +702,14 @@ def trim_log(path, step):
     return [record for _, record in keep]
 
 
-def snapshot(args, rank, world, device, step, nimg, G, G_ema, checkpoint, grid_z, grid_h):
-    """Image grid (EMA G, fixed latents) and checkpoint; refuses to save non-finite weights."""
-    finite = torch.tensor(float(all(torch.isfinite(p).all() for p in G.parameters())), device=device)
+def snapshot(args, rank, world, device, step, nimg, finite, G_ema, checkpoint, grid_z, grid_h):
+    """Image grid (EMA G, fixed latents) and checkpoint; refuses to save when G's or D's weights are
+    not all `finite` on every process (G_ema follows G)."""
+    ok = torch.tensor(float(finite), device=device)
     if world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not finite.item():
-        raise UserError(f'G weights became non-finite at kimg {nimg / 1000:.2f}; {last_good(args)}')
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok.item():
+        raise UserError(f'G or D weights became non-finite at kimg {nimg / 1000:.2f}; {last_good(args)}')
     if rank != 0:
         return
     data.save_grid(generate_images(G_ema, grid_z, grid_h, args.batch), os.path.join(args.out, f'fakes-{step:07d}.png'))
