@@ -3333,3 +3333,136 @@ def test_style_mixing_truncates_both_latents():
         w = w1 if layer < 2 else w2
         want = avg + 0.5 * (w - avg) if layer < 4 else w
         assert torch.allclose(ws[:, layer], want, atol=1e-6), layer
+
+
+# ==============================================================================================
+# train.py, data.py, metrics.py: details pinned by hand (each test fails under a one-line bug that
+# the tests above let through)
+
+def _gmain_z(monkeypatch):  # the z of every G forward that updates w_avg (Gmain), in order
+    zs = []
+    real_forward = model.Generator.forward
+    monkeypatch.setattr(model.Generator, 'forward', lambda self, z, *a, **k: (
+        zs.append(z.detach().clone()) if k.get('update_w_avg') else None, real_forward(self, z, *a, **k))[1])
+    return zs
+
+
+def test_training_tracks_w_avg_and_step_seeds_differ_across_runs(tmp_path, monkeypatch):
+    """Gmain's mapping pass updates w_avg (beta 0.995): after one step from zeros it is 0.005 x the
+    batch mean of w, recomputed from the step's z with the initial mapping, in G and G_ema. And
+    (seed, step) name independent streams: --seed 1's first step does not reuse --seed 0's second."""
+    zs, nets = _gmain_z(monkeypatch), []
+    real_build = model.build_networks
+    monkeypatch.setattr(model, 'build_networks', lambda a: (lambda G, D: nets.append(copy.deepcopy(G)) or (G, D))(*real_build(a)))
+    out = run_train(tmp_path, '--kimg', '0.016', '--snap-kimg', '0.008', '--keep', '5', name='s0')
+    with torch.no_grad():
+        want = 0.005 * nets[0].mapping(zs[0])[:, 0].mean(0)
+    ck = load(f'{out}/ckpt-0000001.pt')
+    assert want.abs().max() > 0 and torch.allclose(ck['G']['mapping.w_avg'], want, rtol=1e-4, atol=1e-7)
+    assert torch.equal(ck['G_ema']['mapping.w_avg'], ck['G']['mapping.w_avg'])
+    run_train(tmp_path, '--kimg', '0.008', '--seed', '1', name='s1')
+    assert len(zs) == 3 and not any(torch.allclose(z, zs[2]) for z in zs[:2])
+
+
+def test_presets_follow_the_official_configs():
+    """Config E / F (the official TF run_training.py) and stylegan2-ada-pytorch's paper256; style
+    mixing 0.9, lazy R1 every 16, path length every 4; an explicit flag wins over the preset."""
+    want = {'e': dict(channel_base=16384, batch=32, lr=0.002, gamma=100, ema_kimg=10, mbstd_group=4),
+            'f': dict(channel_base=32768, batch=32, lr=0.002, gamma=10, ema_kimg=10, mbstd_group=4),
+            'paper256': dict(channel_base=16384, batch=64, lr=0.0025, gamma=1, ema_kimg=20, mbstd_group=8)}
+    for cfg, vals in want.items():
+        args = train.parse_args(['--cfg', cfg])
+        assert {k: getattr(args, k) for k in vals} == vals, cfg
+        assert (args.resolution, args.channel_max, args.map_layers, args.pl_weight) == (256, 512, 8, 2), cfg
+        assert (args.style_mix, args.r1_interval, args.pl_interval, args.ema_rampup) == (0.9, 16, 4, 0), cfg
+    assert train.parse_args(['--cfg', 'paper256', '--gamma', '5']).gamma == 5
+    assert len(data.make_dataset(None, 16)) == 50_000  # the built-in set's default size
+
+
+def test_resume_auto_refuses_a_changed_mirror_and_gamma_0_keeps_adam_unscaled(tmp_path, capsys):
+    """--mirror changes the data: --resume auto refuses it. Lazy regularisation's c = I / (I + 1) scales
+    a network's Adam only while its regulariser runs: with --gamma 0 D keeps lr and betas as given."""
+    out = run_train(tmp_path, '--kimg', '0.008', '--mirror', '--gamma', '0')
+    for opt in ('opt_G', 'opt_D'):  # the cpu preset has no path length either
+        group = load(f'{out}/ckpt-0000001.pt')[opt]['param_groups'][0]
+        assert group['lr'] == pytest.approx(2e-3) and group['betas'] == pytest.approx((0.0, 0.99)), opt
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--kimg', '0.016'], '--mirror True (this run: False)')
+
+
+def test_ema_without_rampup(tmp_path):
+    """--ema-rampup 0 (the e / f / paper256 presets) means no ramp-up, not "EMA off": at step 2,
+    G_ema = lerp(G_ema at step 1, G, 1 - 0.5 ** (batch / (ema_kimg * 1000)))."""
+    out = run_train(tmp_path, '--kimg', '0.016', '--snap-kimg', '0.008', '--keep', '5', '--ema-rampup', '0', '--ema-kimg', '0.01')
+    one, two = load(f'{out}/ckpt-0000001.pt'), load(f'{out}/ckpt-0000002.pt')
+    beta = 0.5 ** (8 / 10)
+    params = [k for k, _ in tiny()[0].named_parameters()]
+    for k in params:
+        assert torch.allclose(two['G_ema'][k], torch.lerp(one['G_ema'][k], two['G'][k], 1 - beta), atol=1e-6), k
+    assert any(not torch.allclose(two['G_ema'][k], two['G'][k], atol=1e-6) for k in params)
+
+
+def test_evaluate_draws_fresh_latents_per_chunk():
+    """Generated images: each chunk of `batch` draws its own latents (40 images in chunks of 16: three
+    different z batches, not one repeated)."""
+    G, D = _met_nets()
+    zs, real_forward = [], G.forward
+    G.forward = lambda z: (zs.append(z.clone()), real_forward(z))[1]
+    metrics.evaluate(['swd'], G, D, TinyData(), 'cpu', log=lambda *a: None, batch=16, num_gen=40)
+    assert len(zs) == 3 and all(not torch.allclose(zs[i], zs[j]) for i in range(3) for j in range(i))
+
+
+def test_ppl_protocol_on_the_real_generator():
+    """StyleGAN2's end-point PPL in W, recomputed for a tiny real G: chunk c seeded by (seed, 5, c), one
+    heatmap layout per pair, w = map(z) without truncation, const noise (strengths made non-zero so
+    that it matters), end point lerp(w0, w1, 1e-4), d / 1e-4^2, trimmed to the 1st-99th percentiles."""
+    G = tiny_g('norm').eval()
+    with torch.no_grad():
+        for name, p in G.named_parameters():
+            if 'noise_strength' in name:
+                p.fill_(0.5)
+    sq = lambda a, b: (a - b).square().flatten(1).sum(1)
+    got = metrics.perceptual_path_length(G, 8, sq, batch=4, log=lambda *a: None)
+    ds = []
+    with torch.no_grad():
+        for c in range(2):
+            torch.manual_seed(metrics._seed(0, 5, c))
+            h = G.sample_heatmaps(4, 'cpu')
+            z0, z1 = torch.randn(2, 4, G.z_dim)
+            w0, w1 = G.map(z0, heatmaps=h), G.map(z1, heatmaps=h)
+            img = lambda w: G.synthesize(w, noise_mode='const', heatmaps=h)
+            ds.append(sq(img(w0), img(w0 + 1e-4 * (w1 - w0))).double() / 1e-8)
+    d = torch.cat(ds).numpy()
+    lo, hi = np.percentile(d, 1, method='lower'), np.percentile(d, 99, method='higher')
+    assert got == pytest.approx(d[(d >= lo) & (d <= hi)].mean(), rel=1e-3)  # float rounding ~1e-4
+
+
+def test_ppl_face_crop_region():
+    """crop=True: StyleGAN's FFHQ crop, rows 3/8..7/8 and columns 2/8..6/8 of the image."""
+    seen = []
+
+    class G(PplStubG):
+        z_dim = 64 * 64
+        synthesize = staticmethod(lambda w, noise_mode='const', heatmaps=None: w[:, 0].view(-1, 1, 64, 64))
+    metrics.perceptual_path_length(G(), 2, lambda a, b: seen.append(a.clone()) or (a - b).flatten(1).sum(1),
+                                   batch=2, crop=True, log=lambda *a: None)
+    torch.manual_seed(metrics._seed(0, 5, 0))
+    z0 = torch.randn(2, 2, 64 * 64)[0].view(2, 1, 64, 64)
+    assert seen[0].shape == (2, 1, 32, 32) and torch.equal(seen[0], z0[:, :, 24:56, 16:48])
+
+
+def test_di_defaults_are_200_draws_of_64():
+    g = torch.Generator().manual_seed(0)
+    r, f = torch.randn(500, generator=g), torch.randn(500, generator=g)
+    gen, want = torch.Generator().manual_seed(0), []
+    for _ in range(200):
+        rr, ff = (x.double()[torch.randperm(500, generator=gen)[:64]] for x in (r, f))
+        want.append(rr.min() - ff.max())
+    assert metrics.disequilibrium_indicator(r, f) == pytest.approx(torch.stack(want).mean().item(), abs=1e-12)
+
+
+def test_precision_recall_ball_includes_its_boundary():
+    """Kynkaanniemi et al.: covered when distance <= radius. Four duplicate reals have a 3rd-neighbour
+    radius 0; a fake exactly on them is covered (precision 1/4; 0 with a strict <)."""
+    real = torch.tensor([[0.], [0], [0], [0], [50], [51], [52], [53]])
+    fake = torch.tensor([[0.], [1000], [2000], [3000]])
+    assert metrics.precision_recall(real, fake, k=3)[0] == pytest.approx(0.25)
