@@ -2598,6 +2598,13 @@ def test_stop_requests_ignore_repeats_but_a_later_ctrl_c_stops_at_once(tmp_path,
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C more than 2 s later
             train.time.sleep(1)
+    clock = itertools.count(0, 3)  # 3 s between signals
+    monkeypatch.setattr(train.time, 'time', lambda: next(clock))
+    with train.stop_requests(rank=1, world=2) as ddp:  # under DDP no rank leaves on its own
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        train.time.sleep(0.1)
+        assert [s for s, _ in ddp] == [signal.SIGINT]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert capsys.readouterr().err.count('SIGTERM: stopping after this step') == 1
     monkeypatch.undo()

@@ -356,9 +356,9 @@ def main(argv=None):
 def stop_requests(rank, world):
     """While this is active, SIGINT (Ctrl-C) or SIGTERM (a cluster preempting the job) asks the loop
     to stop after the current step with a checkpoint; yields the list the first signal is put in.
-    Launchers pass a signal on to their workers (torchrun), so repeats are ignored, except a Ctrl-C
-    more than 2 s after the first: that one stops at once (under torchrun a terminal's Ctrl-C reaches
-    torchrun only, which passes the first one on)."""
+    Launchers pass a signal on to their workers (torchrun), so repeats are ignored, except, in a
+    single process, a Ctrl-C more than 2 s after the first: that one stops at once (under torchrun a
+    terminal's Ctrl-C reaches torchrun only, which passes the first one on)."""
     got = []
 
     def handler(signum, frame):
@@ -368,8 +368,8 @@ def stop_requests(rank, world):
                 print(f'\n{signal.Signals(signum).name}: stopping after this step with a checkpoint'
                       + (' (Ctrl-C again after 2 s: stop at once)' if world == 1 and signum == signal.SIGINT else ''),
                       file=sys.stderr, flush=True)
-        elif signum == signal.SIGINT and time.time() - got[0][1] > 2:
-            raise KeyboardInterrupt
+        elif world == 1 and signum == signal.SIGINT and time.time() - got[0][1] > 2:
+            raise KeyboardInterrupt  # (under DDP one rank alone leaving would hang the others)
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield got
