@@ -1507,6 +1507,16 @@ def test_synthetic_scene_depends_on_seed_and_index_not_their_sum():
     assert again['floor'] == scenes[2]['floor'] and np.array_equal(again['light'], scenes[2]['light'])
 
 
+def test_synthetic_empty_floor_is_lit_towards_the_camera():
+    """An empty scene is the grey floor alone: brighter towards the camera (the bottom rows), mirror-
+    symmetric left-right, 0.5 x (1 + (y - 0.5) / 4 - 0.35 ((x - 0.5)^2 + (y - 0.55)^2)) at pixel centres."""
+    img = data.SyntheticShapes(16, 1).render(dict(floor=0.5, light=np.array([0, 1, 0], np.float32), objects=[])) / 255
+    y, x = (np.arange(16)[:, None] + 0.5) / 16, (np.arange(16)[None] + 0.5) / 16
+    want = 0.5 * (1 + 0.25 * (y - 0.5) - 0.35 * ((x - 0.5) ** 2 + (y - 0.55) ** 2))
+    assert np.abs(img - want).max() <= 0.5 / 255 + 1e-6
+    assert (img[:, -1] > img[:, 0]).all() and np.array_equal(img, img[:, :, ::-1])
+
+
 def test_synthetic_shadow_only_darkens_the_floor_by_at_most_60_percent(monkeypatch):
     """With the objects' own drawing switched off, the render is floor x (1 - shadow) with the
     smoothstep shadow in [0, 0.6]: some pixels darker, none brighter, none below 0.4 x the floor
