@@ -694,7 +694,8 @@ def parse_seeds(s):  # argument types: argparse names the flag and the value in 
 
 def parse_xy(s, inside=False):
     """'x,y' -> (x, y); inside: both in [0, 1] (a point of the image)"""
-    xy = tuple(float(v) for v in s.split(',')) if re.fullmatch(r' *{0} *, *{0} *'.format(r'[-+]?(\d+\.?\d*|\.\d+)'), s) else ()
+    number = r' *[-+]?(\d+\.?\d*|\.\d+) *'
+    xy = tuple(float(v) for v in s.split(',')) if re.fullmatch(f'{number},{number}', s) else ()
     if not xy or inside and not all(0 <= v <= 1 for v in xy):
         raise argparse.ArgumentTypeError(f"{s!r} is not 'x,y' (two numbers{', in [0, 1]' if inside else ''})")
     return xy
@@ -741,7 +742,8 @@ def main(argv=None):
     p.add_argument('--trunc-cutoff', type=int, help='truncate only the first N ws')
     p.add_argument('--out', default='samples.png', help='output PNG')
     p.add_argument('--zoom', type=int, default=1, help='enlarge the PNG N times (nearest neighbour), for small images')
-    p.add_argument('--heatmap-centers', type=lambda s: parse_xy(s, inside=True), help="EqGAN-SA editing: level-0 heatmap centre 'x,y' in [0, 1] (default: sampled)")
+    p.add_argument('--heatmap-centers', type=lambda s: parse_xy(s, inside=True),
+                   help="EqGAN-SA editing: level-0 heatmap centre 'x,y' in [0, 1] (default: sampled)")
     p.add_argument('--move', type=parse_xy, help="EqGAN-SA editing: move the heatmaps by 'dx,dy' (image fractions) over --steps columns")
     p.add_argument('--steps', type=int, default=5, help='columns of the editing grid')
     p.add_argument('--attn-maps', action='store_true', help='SAN attention maps around --points (thesis Fig. 2.5)')
