@@ -641,8 +641,9 @@ def train(args, rank, world, device):
            + (f' (non-saturating warm-up until {args.warmup_kimg:g} kimg)' if args.loss == 'contrastive' else '')
            + (f'; the run is already at {nimg / 1000:g} kimg: raise --kimg to go on' if nimg >= total else ''), rank=rank)
     with stop_requests(rank, world) as stop:  # Ctrl-C / SIGTERM: no more batches; log, save, exit
+        stopping = lambda: agree(False, bool(stop))[1]  # any process's signal, the same answer on all
         while nimg < total:
-            if agree(False, bool(stop))[1]:  # any process's signal, checked before a batch is fetched
+            if stopping():  # checked before a batch is fetched
                 if stats:
                     log_line()
                 if step > saved:
@@ -665,7 +666,7 @@ def train(args, rank, world, device):
             if due(args.snap_kimg) or done:
                 save()
                 saved = step
-            if metrics_due() and (done or not agree(False, bool(stop))[1]):  # after a stop, the resume evaluates them
+            if metrics_due() and (done or not stopping()):  # after a stop, the resume evaluates them
                 t_log += measure()  # metric time does not count as training speed
     print0(f'done: {nimg / 1000:.2f} kimg in {fmt_time(time.time() - t_start)}; checkpoints in {args.out}', rank=rank)
     return 0
