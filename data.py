@@ -19,7 +19,7 @@ Run alone (writes a grid of one batch, prints the dataset size and loading speed
     python data.py --data ~/photos --check           # decode every image, list all bad files
     python data.py --resolution 32 --workers 0 --batch 256   # synthetic img/s on one core
 """
-import argparse, functools, hashlib, io, math, os, signal, sys, threading, time, zipfile
+import argparse, functools, hashlib, io, json, math, os, signal, sys, threading, time, zipfile
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -82,8 +82,14 @@ class SyntheticShapes(torch.utils.data.Dataset):
         # the floor: lit brighter towards the camera and the centre, like CLEVR's area lights
         self._floor = (1 + 0.25 * (y - 0.5) - 0.35 * ((x - 0.5) ** 2 + (y - 0.55) ** 2)).astype(np.float32)  # [H, W]
 
+    num_classes = 4  # class labels (--cond): the number of objects in the scene minus 1
+
     def __len__(self):
         return self.num_images
+
+    @functools.cached_property
+    def labels(self):  # [N] int64, computed on first use (about 1 s per 50k images)
+        return np.array([len(self.scene(i)['objects']) - 1 for i in range(self.num_images)], np.int64)
 
     def scene(self, index):
         """Scene parameters of item `index`: floor brightness, light direction, objects far to near."""
@@ -224,9 +230,10 @@ def _to_rgb(im):
     return im.convert('RGB')     # L, 1, YCbCr, CMYK (Pillow now uses R = 255 (1 - C)(1 - K), the standard formula), ...
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images under a folder (recursive) or in a .zip, in sorted path order; centre crop, LANCZOS resize."""
+    """Images under a folder (recursive) or in a .zip, in sorted path order; centre crop, LANCZOS resize.
+    labels=True: class labels from dataset.json or the first-level subfolders (read_labels)."""
 
-    def __init__(self, path, resolution, max_images=None, skip_bad=False):
+    def __init__(self, path, resolution, max_images=None, skip_bad=False, labels=False):
         _check_resolution(resolution)
         if not os.path.exists(path):
             raise DataError(f'--data {path} does not exist; point --data at a folder or .zip of images, '
@@ -271,12 +278,48 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             print(f'data: dropped {len(self.bad)} bad file(s) under {path}: {_few([n for n, _ in self.bad])} '
                   f'(python data.py --data {path} --check lists why)', file=sys.stderr)
         self.names = good
+        self.labels = self.read_labels() if labels else None
+        self.num_classes = int(self.labels.max()) + 1 if labels else 0  # as stylegan2-ada: the largest class + 1
         # metrics caches real-image statistics under this key: short, file-name safe, changes with the file list
         digest = hashlib.sha1('\n'.join([os.path.abspath(path)] + good).encode()).hexdigest()[:8]
         self.name = f'{os.path.splitext(os.path.basename(os.path.normpath(path)))[0]}-{digest}-n{len(good)}'
 
     def __len__(self):
         return len(self.names)
+
+    def read_labels(self):
+        """[N] int64 classes of the images: dataset.json's {"labels": [[name, class], ...]} (the stylegan2-ada
+        layout; names relative to the root, '/'-separated) or, without it, each image's first-level
+        subfolder (classes numbered in sorted folder order)."""
+        where = f'{self.path}/dataset.json'
+        try:
+            raw = self._zipfile().read('dataset.json') if self.is_zip else open(os.path.join(self.path, 'dataset.json'), 'rb').read()
+        except (KeyError, FileNotFoundError):
+            raw = None
+        if raw is None:
+            top = [n.split('/')[0] for n in self.names if '/' in n]
+            if len(top) < len(self.names):
+                loose = [n for n in self.names if '/' not in n]
+                raise DataError(f'--cond: {self.path} has no dataset.json and {len(loose)} image(s) outside class subfolders '
+                                f'({_few(loose)}); add a dataset.json ({{"labels": [[name, class], ...]}}) or put each '
+                                f'class in its own subfolder')
+            classes = {c: i for i, c in enumerate(sorted(set(top)))}
+            return np.array([classes[c] for c in top], np.int64)
+        try:
+            table = json.loads(raw)['labels']
+            table = None if table is None else {str(name): c for name, c in table}
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f'{where} is not {{"labels": [[name, class], ...]}}; fix it, or delete it to label by subfolder') from None
+        if table is None:
+            raise DataError(f'{where} says "labels": null (an unlabelled set); --cond needs a class per image')
+        missing = [n for n in self.names if n not in table]
+        if missing:
+            raise DataError(f'{where} has no label for {len(missing)} image(s): {_few(missing)}; add them or remove those images')
+        bad = [n for n in self.names if isinstance(table[n], bool) or not isinstance(table[n], int) or table[n] < 0]
+        if bad:
+            raise DataError(f'{where}: the labels of {len(bad)} image(s) are not class numbers (integers >= 0): {_few(bad)} '
+                            f'(e.g. {table[bad[0]]!r}); --cond trains on integer classes')
+        return np.array([table[n] for n in self.names], np.int64)
 
     def _zipfile(self):  # opened lazily in each process: a zip handle must not be shared by forked workers
         if self._zip is None or self._zip_pid != os.getpid():
@@ -329,13 +372,14 @@ def check_images(path, resolution):
             bad.append((n, f'could not be decoded: {e}'))
     return sorted(bad)
 
-def make_dataset(path=None, resolution=32, max_images=None, seed=0, skip_bad=False):
-    """--data PATH (folder or .zip) or, without it, the built-in synthetic dataset (50k images by default)."""
+def make_dataset(path=None, resolution=32, max_images=None, seed=0, skip_bad=False, labels=False):
+    """--data PATH (folder or .zip) or, without it, the built-in synthetic dataset (50k images by default).
+    labels: a folder or zip reads its class labels (the built-in set always has them)."""
     if max_images is not None and max_images < 1:
         raise DataError(f'--max-images {max_images} keeps no images; pass a positive number or omit it')
     if path is None:
         return SyntheticShapes(resolution, 50_000 if max_images is None else max_images, seed)
-    return ImageFolderDataset(path, resolution, max_images, skip_bad)
+    return ImageFolderDataset(path, resolution, max_images, skip_bad, labels)
 
 # ----------------------------------------------------------------------------------------------
 # The infinite loader. Position p (images consumed so far, over all ranks) is epoch p // N, item
@@ -372,15 +416,15 @@ class _BatchSampler:
             yield index.tolist(), flip
             nimg += self.b * self.world_size
 
-class _Batches(torch.utils.data.Dataset):  # key (indices [b], flips [b]) -> a whole batch, built in a worker
-    def __init__(self, dataset):
-        self.dataset = dataset
+class _Batches(torch.utils.data.Dataset):  # key (indices [b], flips [b]) -> a whole batch (and its labels), built in a worker
+    def __init__(self, dataset, labels=False):
+        self.dataset, self.labels = dataset, labels
 
     def __getitem__(self, key):
         images = torch.stack([self.dataset[i] for i in key[0]])                  # [b, 3, H, W] uint8
         flip = torch.from_numpy(key[1])                                           # [b] bool
         images[flip] = images[flip].flip(3)                                       # all x-flips in one op
-        return images
+        return (images, torch.from_numpy(self.dataset.labels[key[0]])) if self.labels else images
 
 STOPS = {signal.SIGINT, signal.SIGTERM}
 SIGWAIT = hasattr(signal, 'sigwaitinfo')  # Linux; not macOS or Windows
@@ -405,15 +449,17 @@ def leave_stop_signals_to_main(worker_id=None):
     threading.Thread(target=wait, daemon=True).start()
 
 class InfiniteLoader:
-    """Iterator over this rank's uint8 batches [batch_size, 3, H, W] (batch_size is per rank), forever."""
+    """Iterator over this rank's uint8 batches [batch_size, 3, H, W] (batch_size is per rank), forever;
+    labels=True: (images, int64 classes [batch_size]) pairs."""
 
-    def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, start_nimg=0, mirror=False, workers=2, device='cpu'):
+    def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, start_nimg=0, mirror=False, workers=2, device='cpu',
+                 labels=False):
         self.dataset, self.device = dataset, torch.device(device)
         sampler = _BatchSampler(len(dataset), batch_size, rank, world_size, seed, start_nimg, mirror)
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS) if SIGWAIT else None  # while the workers fork
         try:
             self._iter = iter(torch.utils.data.DataLoader(  # batch_size=None: each sampler item is one whole batch
-                _Batches(dataset), sampler=sampler, batch_size=None, num_workers=workers, pin_memory=self.device.type == 'cuda',
+                _Batches(dataset, labels), sampler=sampler, batch_size=None, num_workers=workers, pin_memory=self.device.type == 'cuda',
                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
                 worker_init_fn=leave_stop_signals_to_main))
         finally:
@@ -428,6 +474,8 @@ class InfiniteLoader:
             batch = next(self._iter)
         except DataError as e:  # a worker's DataError arrives wrapped in a traceback: keep its own one line
             raise DataError(str(e).strip().splitlines()[-1].split('DataError: ', 1)[-1]) from None
+        if isinstance(batch, (tuple, list)):  # (images, labels)
+            return tuple(t.to(self.device, non_blocking=True) for t in batch)
         return batch.to(self.device, non_blocking=True)
 
 def save_grid(images, path, cols=None, zoom=1):

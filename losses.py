@@ -116,12 +116,13 @@ def r1_penalty(real_img, real_logits):
     return input_grad_sq(real_logits, real_img)
 
 
-def wgan_gp(D, real, fake, ref=None, t=None):
+def wgan_gp(D, real, fake, ref=None, t=None, c=None):
     """WGAN-GP: (||grad D(x_hat)|| - 1)^2 on random interpolates of real and fake ([B]; times 10).
-    t: the interpolation weights [B, 1, 1, 1] ~ U(0, 1) (default: a fresh draw)."""
+    t: the interpolation weights [B, 1, 1, 1] ~ U(0, 1) (default: a fresh draw); ref, c: D's
+    references and (class-conditional D) the labels of the interpolates."""
     t = torch.rand(real.shape[0], 1, 1, 1, device=real.device) if t is None else t
     x_hat = torch.lerp(real.detach(), fake.detach(), t).requires_grad_(True)
-    logits = D(x_hat, ref) if ref is not None else D(x_hat)
+    logits = D(x_hat, **{k: v for k, v in (('ref', ref), ('c', c)) if v is not None})
     return (input_grad_sq(logits, x_hat) + 1e-12).sqrt().sub(1).square()
 
 

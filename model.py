@@ -18,12 +18,18 @@ Run alone:
   python model.py CKPT --attn-maps --out attn.png     # SAN attention maps (thesis Fig. 2.5)
 """
 import argparse
+import collections
 import copy
+import io
 import math
+import os
+import pickle
 import re
+import zipfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -56,8 +62,10 @@ def fir_filter():
 
 
 def blur(x, f, padding, gain=1.0):
-    """Depthwise 2D FIR filtering: [B, C, H, W] -> [B, C, H + 2p - 3, W + 2p - 3]."""
-    return _Blur.apply(x, f * gain, padding)
+    """Depthwise 2D FIR filtering, a true convolution with f (the official upfirdn2d: the filter is
+    flipped, which matters for the asymmetric filters a loaded network may hold):
+    [B, C, H, W] -> [B, C, H + 2p - 3, W + 2p - 3]."""
+    return _Blur.apply(x, f.flip([0, 1]) * gain, padding)
 
 
 class _Blur(torch.autograd.Function):
@@ -79,7 +87,8 @@ class _Blur(torch.autograd.Function):
 
 
 def upsample2d(x, f):
-    """Zero-insertion upsampling + FIR with gain 4, as one depthwise transposed conv: [B,C,2H,2W]."""
+    """Zero-insertion upsampling + FIR with gain 4 (a true convolution, as blur), as one depthwise
+    transposed conv: [B, C, 2H, 2W]."""
     C = x.shape[1]
     return F.conv_transpose2d(x, (f * 4).to(x.dtype).expand(C, 1, 4, 4), stride=2, padding=1, groups=C)
 
@@ -166,11 +175,12 @@ class Conv(nn.Module):
             self.attn = attention.RefAttention(cin, eq=ref_eq)
         self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
         self.act, self.down, self.conv_clamp, self.kind = act, down, conv_clamp, attn
-        self.register_buffer('f', fir_filter(), persistent=False)
+        # the FIR filter, a buffer as in the official code (a loaded network brings its own); None: not resampling
+        self.register_buffer('resample_filter', fir_filter() if down == 2 else None)
 
     def forward(self, x, gain=1.0, ref=None):
         if self.kind is None:
-            x = conv2d_resample(x, (self.weight * self.weight_gain).to(x.dtype), self.f, down=self.down)
+            x = conv2d_resample(x, (self.weight * self.weight_gain).to(x.dtype), self.resample_filter, down=self.down)
         elif self.kind == 'self':
             x = self.attn(x)
         else:
@@ -183,21 +193,29 @@ class Conv(nn.Module):
 # Generator
 
 class MappingNetwork(nn.Module):
-    """z -> w: 2nd-moment normalisation, `layers` FC layers with lr multiplier 0.01; tracks w_avg."""
+    """(z, c) -> w: 2nd-moment normalisation of z and of the embedded one-hot label c (class-conditional
+    networks, as the official code), `layers` FC layers with lr multiplier 0.01. G's tracks w_avg and
+    broadcasts w to num_ws; D's (z_dim 0, num_ws None) is the label embedding of its projection epilogue."""
 
-    def __init__(self, z_dim, w_dim, num_ws, layers=8, lr_mul=0.01, w_avg_beta=0.995, extra_dim=0):
+    def __init__(self, z_dim, w_dim, num_ws, layers=8, c_dim=0, lr_mul=0.01, w_avg_beta=0.995, extra_dim=0):
         super().__init__()
-        self.num_ws, self.layers, self.w_avg_beta = num_ws, layers, w_avg_beta
-        for i in range(layers):  # extra_dim: the flattened heatmap of the EqGAN-SA 'flatten' ablation
-            setattr(self, f'fc{i}', FC((z_dim + extra_dim) if i == 0 else w_dim, w_dim, act=True, lr_mul=lr_mul))
-        self.register_buffer('w_avg', torch.zeros(w_dim))
+        self.z_dim, self.c_dim, self.num_ws, self.layers, self.w_avg_beta = z_dim, c_dim, num_ws, layers, w_avg_beta
+        if c_dim:
+            self.embed = FC(c_dim, w_dim)
+        cin = z_dim + (w_dim if c_dim else 0) + extra_dim  # extra: the flattened heatmap of EqGAN-SA's 'flatten'
+        for i in range(layers):
+            setattr(self, f'fc{i}', FC(cin if i == 0 else w_dim, w_dim, act=True, lr_mul=lr_mul))
+        if num_ws:
+            self.register_buffer('w_avg', torch.zeros(w_dim))
 
-    def forward(self, z, psi=1.0, cutoff=None, update_w_avg=False, extra=None):
-        x = z * (z.square().mean(1, keepdim=True) + 1e-8).rsqrt()  # [B, z_dim]
-        if extra is not None:
-            x = torch.cat([x, extra * (extra.square().mean(1, keepdim=True) + 1e-8).rsqrt()], 1)
+    def forward(self, z, c=None, psi=1.0, cutoff=None, update_w_avg=False, extra=None):
+        norm = lambda t: t * (t.square().mean(1, keepdim=True) + 1e-8).rsqrt()
+        parts = ([norm(z)] if self.z_dim else []) + ([norm(self.embed(c.to(torch.float32)))] if self.c_dim else [])
+        x = torch.cat(parts + ([norm(extra)] if extra is not None else []), 1)  # [B, z_dim (+ w_dim) (+ extra)]
         for i in range(self.layers):
             x = getattr(self, f'fc{i}')(x)  # [B, w_dim]
+        if not self.num_ws:
+            return x
         if update_w_avg:
             self.w_avg.copy_(x.detach().float().mean(0).lerp(self.w_avg, self.w_avg_beta))
         ws = x.unsqueeze(1).repeat(1, self.num_ws, 1)  # [B, num_ws, w_dim]
@@ -221,12 +239,12 @@ class SynthesisLayer(nn.Module):
         self.noise_strength = nn.Parameter(torch.zeros([]))
         self.bias = nn.Parameter(torch.zeros(cout))
         self.register_buffer('noise_const', torch.randn(res, res))
-        self.register_buffer('f', fir_filter(), persistent=False)
+        self.register_buffer('resample_filter', fir_filter() if up == 2 else None)
         self.up, self.res, self.conv_clamp, self.kind = up, res, conv_clamp, attn
 
     def forward(self, x, w, noise_mode='random', fused=False, noise=None):
         if self.kind == 'none':
-            x = modulated_conv2d(x, self.weight, self.affine(w), up=self.up, f=self.f, fused=fused)
+            x = modulated_conv2d(x, self.weight, self.affine(w), up=self.up, f=self.resample_filter, fused=fused)
         else:
             x = self.attn(x)  # residual inside (Eq. 2.7)
         if noise is not None:  # given by the caller, e.g. train.py's per-step generator; [B, 1, res, res]
@@ -256,9 +274,11 @@ class ToRGB(nn.Module):
 
 class SynthesisBlock(nn.Module):
     """One resolution of the skip generator: [const | up-conv0], conv1, toRGB added to the
-    upsampled image. With SEL, a spatial encoding layer precedes each conv and the toRGB."""
+    upsampled image. SEL (EqGAN-SA, the blocks of the heatmap levels): sel = [before conv1, before
+    toRGB]; with local_rgb (--sel-placement official, the authors' code) the second one changes the
+    toRGB input only, not the features passed on, and sel_in precedes conv0 (on its res/2 input)."""
 
-    def __init__(self, cin, cout, w_dim, res, conv_clamp=None, attn='none', sel=None):
+    def __init__(self, cin, cout, w_dim, res, conv_clamp=None, attn='none', sel=None, sel_in=None, local_rgb=False):
         super().__init__()
         self.cin, self.res, self.num_conv = cin, res, (1 if cin == 0 else 2)
         if cin == 0:
@@ -267,22 +287,26 @@ class SynthesisBlock(nn.Module):
             self.conv0 = SynthesisLayer(cin, cout, w_dim, res, up=2, conv_clamp=conv_clamp)
         self.conv1 = SynthesisLayer(cout, cout, w_dim, res, conv_clamp=conv_clamp, attn=attn)
         self.torgb = ToRGB(cout, w_dim, conv_clamp=conv_clamp)
-        self.sel = sel
-        self.register_buffer('f', fir_filter(), persistent=False)
+        self.sel, self.sel_in, self.local_rgb = sel, sel_in, local_rgb
+        self.register_buffer('resample_filter', fir_filter() if cin else None)  # upsamples the image from below
 
-    def forward(self, x, img, ws, noise_mode='random', fused=False, hfeat=None, noise=(None, None)):
-        # ws [B, num_conv + 1, w_dim]; noise: one [B, 1, res, res] tensor (or None) per conv
+    def forward(self, x, img, ws, noise_mode='random', fused=False, hfeats=None, noise=(None, None)):
+        # ws [B, num_conv + 1, w_dim]; noise: one [B, 1, res, res] tensor (or None) per conv; hfeats {res: encoding}
         if self.cin == 0:
             x = self.const.to(ws.dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1)  # [B, C, 4, 4]
         else:
+            if self.sel_in is not None:
+                x = self.sel_in(x, hfeats[self.res // 2])
             x = self.conv0(x, ws[:, 0], noise_mode, fused, noise[0])  # [B, C, res, res]
         if self.sel is not None:
-            x = self.sel[0](x, hfeat)
+            x = self.sel[0](x, hfeats[self.res])
         x = self.conv1(x, ws[:, self.num_conv - 1], noise_mode, fused, noise[-1])
+        rgb_in = x
         if self.sel is not None:
-            x = self.sel[1](x, hfeat)
-        y = self.torgb(x, ws[:, self.num_conv], fused)  # [B, 3, res, res]
-        img = y if img is None else upsample2d(img, self.f) + y
+            rgb_in = self.sel[1](x, hfeats[self.res])
+            x = x if self.local_rgb else rgb_in
+        y = self.torgb(rgb_in, ws[:, self.num_conv], fused)  # [B, 3, res, res]
+        img = y if img is None else upsample2d(img, self.resample_filter) + y
         return x, img
 
 
@@ -291,28 +315,34 @@ def channels_per_res(channel_base, channel_max, resolution):
 
 
 class Generator(nn.Module):
-    """StyleGAN2 skip generator. G(z) samples images; G.map / G.synthesize are the two halves."""
+    """StyleGAN2 skip generator. G(z) samples images (G(z, c) with a one-hot label c [B, c_dim] when
+    class-conditional); G.map / G.synthesize are the two halves."""
 
     def __init__(self, resolution, z_dim=512, w_dim=512, channel_base=16384, channel_max=512, map_layers=8,
-                 conv_clamp=None, g_attn='none', g_attn_res=32, sel='none', heatmap='hier'):
+                 conv_clamp=None, g_attn='none', g_attn_res=32, sel='none', heatmap='hier', c_dim=0, sel_placement='paper'):
         super().__init__()
         if resolution < 8 or resolution & (resolution - 1):  # not a power of two
             raise ValueError(f'--resolution {resolution}: G and D need a power of two >= 8; use e.g. 32, 64 or 256')
-        self.z_dim, self.w_dim, self.img_resolution = z_dim, w_dim, resolution
+        self.z_dim, self.w_dim, self.c_dim, self.img_resolution = z_dim, w_dim, c_dim, resolution
         ch = channels_per_res(channel_base, channel_max, resolution)
         if g_attn != 'none' and not (g_attn_res >= 8 and g_attn_res in ch):
             raise ValueError(f'--g-attn-res {g_attn_res} is not a G resolution; use a power of two in [8, {resolution}]')
+        if sel_placement not in SEL_PLACEMENTS:
+            raise ValueError(f'unknown --sel-placement {sel_placement!r}; choose one of {", ".join(SEL_PLACEMENTS)}')
         self.spatial = SpatialEncoding(sel, heatmap, resolution, ch) if sel != 'none' else None  # EqGAN-SA
         self.synthesis = nn.Module()
         self.res_list = sorted(ch)
+        official = sel_placement == 'official'
         for res in self.res_list:
-            sel_layer = self.spatial.sel_for(res) if self.spatial is not None else None
+            sel_layers = self.spatial.sel_layers if self.spatial is not None else lambda r, n: None
+            sel_in = sel_layers(res // 2, 1) if official and res > 4 else None
             block = SynthesisBlock(ch[res // 2] if res > 4 else 0, ch[res], w_dim, res, conv_clamp,
-                                   attn=g_attn if res == g_attn_res else 'none', sel=sel_layer)
+                                   attn=g_attn if res == g_attn_res else 'none', sel=sel_layers(res, 2),
+                                   sel_in=sel_in[0] if sel_in else None, local_rgb=official)
             setattr(self.synthesis, f'b{res}', block)
         self.num_ws = 2 * int(math.log2(resolution)) - 2
         extra = self.spatial.flat_dim if self.spatial is not None else 0
-        self.mapping = MappingNetwork(z_dim, w_dim, self.num_ws, map_layers, extra_dim=extra)
+        self.mapping = MappingNetwork(z_dim, w_dim, self.num_ws, map_layers, c_dim, extra_dim=extra)
 
     @property
     def uses_heatmaps(self):
@@ -321,9 +351,9 @@ class Generator(nn.Module):
     def sample_heatmaps(self, batch, device, generator=None):
         return self.spatial.sample(batch, device, generator) if self.spatial is not None else None
 
-    def map(self, z, psi=1.0, cutoff=None, update_w_avg=False, heatmaps=None):
+    def map(self, z, psi=1.0, cutoff=None, update_w_avg=False, heatmaps=None, c=None):
         extra = self.spatial.flat(heatmaps) if self.spatial is not None else None
-        return self.mapping(z, psi, cutoff, update_w_avg, extra)
+        return self.mapping(z, c, psi, cutoff, update_w_avg, extra)
 
     @property
     def noise_res(self):
@@ -341,21 +371,22 @@ class Generator(nn.Module):
         for res in self.res_list:
             block = getattr(self.synthesis, f'b{res}')
             block_noise = noise[n_idx:n_idx + block.num_conv] if noise is not None else (None, None)
-            x, img = block(x, img, ws[:, w_idx:w_idx + block.num_conv + 1], noise_mode, fused, hfeats.get(res), block_noise)
+            x, img = block(x, img, ws[:, w_idx:w_idx + block.num_conv + 1], noise_mode, fused, hfeats, block_noise)
             w_idx += block.num_conv
             n_idx += block.num_conv
         return img
 
     def forward(self, z, psi=1.0, cutoff=None, noise_mode='random', heatmaps=None, mix_z=None, mix_cutoff=None,
-                update_w_avg=False, return_ws=False, noise=None):
-        """z [B, z_dim] -> images [B, 3, R, R] (and ws). Style mixing: layers >= mix_cutoff (a 0-dim
-        tensor, so no host sync) take their w from mix_z. Heatmaps are sampled when G needs them."""
+                update_w_avg=False, return_ws=False, noise=None, c=None):
+        """z [B, z_dim] (and c [B, c_dim]) -> images [B, 3, R, R] (and ws). Style mixing: layers >=
+        mix_cutoff (a 0-dim tensor, so no host sync) take their w from mix_z (same label). Heatmaps are
+        sampled when G needs them."""
         if self.spatial is not None and heatmaps is None:
             heatmaps = self.sample_heatmaps(z.shape[0], z.device)
-        ws = self.map(z, psi, cutoff, update_w_avg, heatmaps)  # [B, num_ws, w_dim]
+        ws = self.map(z, psi, cutoff, update_w_avg, heatmaps, c)  # [B, num_ws, w_dim]
         if mix_z is not None:
             layer = torch.arange(self.num_ws, device=z.device).view(1, -1, 1)
-            ws = torch.where(layer < mix_cutoff, ws, self.map(mix_z, psi, cutoff, heatmaps=heatmaps))
+            ws = torch.where(layer < mix_cutoff, ws, self.map(mix_z, psi, cutoff, heatmaps=heatmaps, c=c))
         img = self.synthesize(ws, noise_mode, heatmaps=heatmaps, noise=noise)
         return (img, ws) if return_ws else img
 
@@ -384,64 +415,84 @@ class DiscriminatorBlock(nn.Module):
         return y + x  # [B, cout, res/2, res/2]
 
 
-def minibatch_std(x, group_size, num_channels=1):
-    """Std of each feature over groups of `group_size` consecutive samples, appended as a channel.
-    Groups are contiguous (the official code strides): a rank's slice of a DDP batch then forms
-    the same groups as in a single-process run with the same global batch."""
+MBSTD_LAYOUTS = ('contiguous', 'strided')
+
+
+def minibatch_std(x, group_size, num_channels=1, layout='contiguous'):
+    """Std of each feature over groups of `group_size` samples, appended as a channel. 'contiguous'
+    groups consecutive samples: a rank's slice of a DDP batch then forms the same groups as in a
+    single-process run with the same global batch. 'strided' is the official code's grouping (sample
+    i joins group i mod N/G): for official networks, whose logits on a given batch it reproduces."""
     N, C, H, W = x.shape
     G = min(group_size, N)
     assert N % G == 0, f'batch {N} must be a multiple of the minibatch-std group {G}'
-    y = x.float().reshape(N // G, G, num_channels, C // num_channels, H, W)
-    y = (y.var(dim=1, unbiased=False) + 1e-8).sqrt()  # [n, F, c, H, W]
+    shape = (N // G, G) if layout == 'contiguous' else (G, N // G)
+    y = x.float().reshape(*shape, num_channels, C // num_channels, H, W)
+    member = 1 if layout == 'contiguous' else 0  # the axis over which a group's members lie
+    y = (y.var(dim=member, unbiased=False) + 1e-8).sqrt()  # [n, F, c, H, W]
     y = y.mean(dim=[2, 3, 4])  # [n, F]
-    y = y.repeat_interleave(G, 0).reshape(N, num_channels, 1, 1).expand(N, num_channels, H, W)
-    return torch.cat([x, y.to(x.dtype)], 1)  # [N, C + F, H, W]
+    y = y.repeat_interleave(G, 0) if layout == 'contiguous' else y.repeat(G, 1)  # [N, F]: each sample's group
+    return torch.cat([x, y.reshape(N, num_channels, 1, 1).expand(N, num_channels, H, W).to(x.dtype)], 1)  # [N, C + F, H, W]
 
 
 class DiscriminatorEpilogue(nn.Module):
-    def __init__(self, cin, mbstd_group=4, conv_clamp=None):
+    """4x4: minibatch-std, 3x3 conv, FC; then the logit, or with cmap_dim (class-conditional) the
+    official projection: (out(x) . cmap) / sqrt(cmap_dim), cmap the embedding of the label."""
+
+    def __init__(self, cin, mbstd_group=4, conv_clamp=None, cmap_dim=0, mbstd_layout='contiguous'):
         super().__init__()
-        self.mbstd_group = mbstd_group
+        if mbstd_layout not in MBSTD_LAYOUTS:
+            raise ValueError(f'unknown --mbstd-layout {mbstd_layout!r}; choose one of {", ".join(MBSTD_LAYOUTS)}')
+        self.mbstd_group, self.mbstd_layout, self.cmap_dim = mbstd_group, mbstd_layout, cmap_dim
         self.conv = Conv(cin + 1, cin, 3, conv_clamp=conv_clamp)
         self.fc = FC(cin * 16, cin, act=True)
-        self.out = FC(cin, 1)
+        self.out = FC(cin, cmap_dim or 1)
 
-    def forward(self, x):
-        x = self.conv(minibatch_std(x, self.mbstd_group))  # [B, C, 4, 4]
+    def forward(self, x, cmap=None):
+        x = self.conv(minibatch_std(x, self.mbstd_group, layout=self.mbstd_layout))  # [B, C, 4, 4]
         feat = self.fc(x.flatten(1))  # [B, C]: the "last-layer features" of FDDF (thesis Table 2.2)
-        return self.out(feat).squeeze(1), feat
+        out = self.out(feat)  # [B, 1] or [B, cmap_dim]
+        if self.cmap_dim:
+            return (out * cmap.to(out.dtype)).sum(1) * (1 / math.sqrt(self.cmap_dim)), feat
+        return out.squeeze(1), feat
 
 
 class Discriminator(nn.Module):
     """Residual StyleGAN2 D. d_attn='self' puts SAN in place of conv0 of block b{d_attn_res};
     d_attn='ref' makes D Siamese: D(primary, reference) runs both images through the shared layers
-    above that block, fuses them there by reference-attention (Eq. 2.8), and continues once."""
+    above that block, fuses them there by reference-attention (Eq. 2.8), and continues once.
+    c_dim > 0: class-conditional, D(img, c=one_hot) with the projection epilogue and an 8-layer label
+    mapping (the official D's)."""
 
     def __init__(self, resolution, channel_base=16384, channel_max=512, mbstd_group=4, conv_clamp=None,
-                 d_attn='none', d_attn_res=8, ref_attn_eq=8):
+                 d_attn='none', d_attn_res=8, ref_attn_eq=8, c_dim=0, mbstd_layout='contiguous'):
         super().__init__()
         ch = channels_per_res(channel_base, channel_max, resolution)
         self.res_list = sorted((r for r in ch if r >= 8), reverse=True)
         if d_attn != 'none' and d_attn_res not in self.res_list:
             raise ValueError(f'--d-attn-res {d_attn_res} is not a D resolution; use a power of two in [8, {resolution}]')
-        self.needs_ref, self.attn_res = d_attn == 'ref', d_attn_res
+        self.needs_ref, self.attn_res, self.c_dim = d_attn == 'ref', d_attn_res, c_dim
         for res in self.res_list:
             attn = {'none': None, 'self': 'self', 'ref': 'ref'}[d_attn] if res == d_attn_res else None
             block = DiscriminatorBlock(ch[res] if res < resolution else 0, ch[res], ch[res // 2],
                                        conv_clamp, attn=attn, ref_eq=ref_attn_eq)
             setattr(self, f'b{res}', block)
-        self.b4 = DiscriminatorEpilogue(ch[4], mbstd_group, conv_clamp)
+        if c_dim:
+            self.mapping = MappingNetwork(0, ch[4], None, 8, c_dim, w_avg_beta=None)
+        self.b4 = DiscriminatorEpilogue(ch[4], mbstd_group, conv_clamp, ch[4] if c_dim else 0, mbstd_layout)
 
-    def forward(self, img, ref=None, return_features=False, return_maps=False):
+    def forward(self, img, ref=None, return_features=False, return_maps=False, c=None):
         """img [B, 3, R, R] (and ref [B / n, 3, R, R] when needs_ref: n batches of primaries, e.g.
-        [fakes; reals], may share one batch of references) -> logits [B]
-        (+ last-layer features [B, C]) (+ {res: block output} for GradCAM, when asked)."""
+        [fakes; reals], may share one batch of references; c [B, c_dim] one-hot when conditional) ->
+        logits [B] (+ last-layer features [B, C]) (+ {res: block output} for GradCAM, when asked)."""
         B = img.shape[0]
         if self.needs_ref:
             if ref is None or B % ref.shape[0]:
                 raise ValueError('this D has reference-attention: call D(img, ref) with a batch of real references '
                                  '(img may hold several batches that share them: [fakes; reals])')
             img = torch.cat([img, ref])  # Siamese: one pass of the shared layers for all
+        if self.c_dim and (c is None or c.shape != (B, self.c_dim)):
+            raise ValueError(f'this D is class-conditional: call D(img, c=one_hot) with c of shape [{B}, {self.c_dim}]')
         x, maps = None, {}
         for res in self.res_list:
             block = getattr(self, f'b{res}')
@@ -451,30 +502,295 @@ class Discriminator(nn.Module):
             else:
                 x = block(x, img)
             maps[res // 2] = x
-        logits, feat = self.b4(x)
+        logits, feat = self.b4(x, self.mapping(None, c) if self.c_dim else None)
         out = (logits, feat) if return_features else (logits,)
+        return (*out, maps) if return_maps else (out[0] if len(out) == 1 else out)
+
+
+# ==============================================================================================
+# SN-DCGAN and SNGAN (Miyato et al., ICLR 2018): the small backbones the papers also report on
+# (supplement Table 1: SNGAN; EqGAN-SA Table 2: SN-DCGAN). Spectral normalisation on every D layer,
+# batch norm in G; no mapping network, noise inputs, style mixing or truncation. EqGAN-SA's SEL
+# (one per heatmap level, on the G features at that resolution), self-attention (an extra residual
+# layer on the features at --g-attn-res / --d-attn-res, SAGAN's placement) and GradCAM (on D's last
+# features at 4, 8, 16) work on them as on StyleGAN2. Channels at resolution r: min(channel_base / r,
+# channel_max), as above (SNGAN: G's at every r, D half of them, Miyato et al. Table 4's 256 / 128).
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over DDP ranks whose gradient is again the sum over ranks (each rank's loss depends on every
+    rank's input through the sum); the identity without DDP."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+class BatchNorm(nn.Module):
+    """Batch norm over every dim but 1, whose statistics span the global batch under DDP (like
+    SyncBatchNorm, on any backend): N processes train exactly as one. Eval mode: the running stats."""
+
+    def __init__(self, channels, momentum=0.1, eps=1e-5):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
+        self.register_buffer('running_mean', torch.zeros(channels))
+        self.register_buffer('running_var', torch.ones(channels))
+        self.momentum, self.eps = momentum, eps
+
+    def forward(self, x):  # [B, C, ...]
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        if not self.training:
+            mean, var = self.running_mean, self.running_var
+        else:
+            xf, dims, n = x.float(), [0] + list(range(2, x.ndim)), x.numel() // x.shape[1]
+            sums = torch.stack([xf.sum(dims), xf.square().sum(dims)])  # [2, C]
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                sums, n = _AllReduceSum.apply(sums), n * dist.get_world_size()
+            mean = sums[0] / n
+            var = (sums[1] / n - mean.square()).clamp_min(0)  # biased, as batch norm normalises with
+            with torch.no_grad():
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)  # unbiased, as PyTorch's
+        y = (x.float() - mean.view(shape)) * (var.view(shape) + self.eps).rsqrt()
+        return (y * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
+
+
+class SNLayer(nn.Module):
+    """Conv (k >= 1) or linear (k = 0) layer with spectral normalisation (Miyato et al. 2018, Eq. 8):
+    W / sigma(W), sigma = u^T W v with u, v from one power iteration per training forward (their
+    Algorithm 1), kept as buffers. u and v are constants of the graph; sigma's dependence on W is
+    differentiated, as in their gradient (Eq. 12)."""
+
+    def __init__(self, cin, cout, k=0, stride=1, padding=0, bias=True, std=None, gain=1.0):
+        super().__init__()
+        w = torch.empty((cout, cin, k, k) if k else (cout, cin))
+        nn.init.normal_(w, 0, std) if std else nn.init.xavier_uniform_(w, gain)  # DCGAN's N(0, 0.02) / SNGAN's Glorot
+        self.weight = nn.Parameter(w)
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+        self.register_buffer('u', F.normalize(torch.randn(cout), dim=0))
+        self.register_buffer('v', F.normalize(torch.randn(w[0].numel()), dim=0))
+        self.k, self.stride, self.padding = k, stride, padding
+
+    def forward(self, x):
+        w = self.weight.flatten(1)  # [out, in * k * k]
+        if self.training:
+            with torch.no_grad():  # Algorithm 1: v <- W^T u / |W^T u|, u <- W v / |W v|
+                self.v.copy_(F.normalize(w.t() @ self.u, dim=0))
+                self.u.copy_(F.normalize(w @ self.v, dim=0))
+        sigma = self.u.clone() @ w @ self.v.clone()  # clones: a later forward updates u, v in place before backward
+        w = (self.weight / sigma).to(x.dtype)
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.conv2d(x, w, b, self.stride, self.padding) if self.k else F.linear(x, w, b)
+
+
+def _conv(cin, cout, k, gain=SQRT2):  # G's plain convolutions (SNGAN: Glorot-uniform, gain sqrt 2 on residual paths)
+    conv = nn.Conv2d(cin, cout, k, padding=k // 2)
+    nn.init.xavier_uniform_(conv.weight, gain)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class _GBlock(nn.Module):
+    """SNGAN's G block (Miyato et al. Fig. 8a): BN, ReLU, 2x nearest upsampling, 3x3 conv, BN, ReLU,
+    3x3 conv; shortcut: upsampling and a 1x1 conv."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.bn0, self.conv0, self.bn1, self.conv1 = BatchNorm(cin), _conv(cin, cout, 3), BatchNorm(cout), _conv(cout, cout, 3)
+        self.skip = _conv(cin, cout, 1, gain=1.0)
+
+    def forward(self, x):
+        up = lambda t: F.interpolate(t, scale_factor=2, mode='nearest')
+        y = self.conv1(F.relu(self.bn1(self.conv0(up(F.relu(self.bn0(x)))))))
+        return y + self.skip(up(x))
+
+
+class _DBlock(nn.Module):
+    """SNGAN's D block (Miyato et al. Fig. 8b): [ReLU,] 3x3 conv, ReLU, 3x3 conv, [2x2 average pool];
+    shortcut: 1x1 conv and pool when the shape changes. first: the 'optimized' first block (no
+    leading ReLU; its shortcut pools before the 1x1 conv)."""
+
+    def __init__(self, cin, cout, down=True, first=False):
+        super().__init__()
+        self.conv0, self.conv1 = SNLayer(cin, cout, 3, padding=1, gain=SQRT2), SNLayer(cout, cout, 3, padding=1, gain=SQRT2)
+        self.skip = SNLayer(cin, cout, 1) if first or down or cin != cout else None
+        self.down, self.first = down, first
+
+    def forward(self, x):
+        pool = (lambda t: F.avg_pool2d(t, 2)) if self.down else (lambda t: t)
+        y = pool(self.conv1(F.relu(self.conv0(x if self.first else F.relu(x)))))
+        if self.skip is None:
+            return y + x
+        return y + (self.skip(pool(x)) if self.first else pool(self.skip(x)))
+
+
+class SmallGenerator(nn.Module):
+    """G of SN-DCGAN (Miyato et al. Table 3a): z -> dense -> 4x4, BN, ReLU; per doubling a 4x4
+    stride-2 deconvolution, BN, ReLU; a 3x3 conv to RGB, tanh. SNGAN (Table 4a): z -> dense -> 4x4;
+    per doubling a _GBlock; BN, ReLU, 3x3 conv, tanh. G(z) -> images [B, 3, R, R] in [-1, 1]."""
+
+    def __init__(self, arch, resolution, z_dim=128, channel_base=2048, channel_max=512, g_attn='none', g_attn_res=32,
+                 sel='none', heatmap='hier'):
+        super().__init__()
+        if resolution < 8 or resolution & (resolution - 1):
+            raise ValueError(f'--resolution {resolution}: G and D need a power of two >= 8; use e.g. 32 or 64')
+        ch = channels_per_res(channel_base, channel_max, resolution)
+        if g_attn != 'none' and not (g_attn_res >= 8 and g_attn_res in ch):
+            raise ValueError(f'--g-attn-res {g_attn_res} is not a G resolution; use a power of two in [8, {resolution}]')
+        self.arch, self.z_dim, self.c_dim, self.img_resolution, self.attn_res = arch, z_dim, 0, resolution, g_attn_res
+        self.noise_res, self.num_ws = [], 0  # nothing to mix or to add noise to
+        self.spatial = SpatialEncoding(sel, heatmap, resolution, ch) if sel != 'none' else None
+        dcgan = arch == 'sndcgan'
+        self.fc = nn.Linear(z_dim + (self.spatial.flat_dim if self.spatial is not None else 0), 16 * ch[4])
+        nn.init.normal_(self.fc.weight, 0, 0.02) if dcgan else nn.init.xavier_uniform_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+        self.bn0 = BatchNorm(16 * ch[4]) if dcgan else None  # Table 3a normalises the dense output per feature
+        self.stages = nn.ModuleDict()
+        for res in sorted(ch)[1:]:
+            if dcgan:
+                deconv = nn.ConvTranspose2d(ch[res // 2], ch[res], 4, 2, 1)
+                nn.init.normal_(deconv.weight, 0, 0.02)
+                nn.init.zeros_(deconv.bias)
+                self.stages[str(res)] = nn.Sequential(deconv, BatchNorm(ch[res]), nn.ReLU())
+            else:
+                self.stages[str(res)] = _GBlock(ch[res // 2], ch[res])
+        self.out = nn.Sequential(*([] if dcgan else [BatchNorm(ch[resolution]), nn.ReLU()]),
+                                 _conv(ch[resolution], 3, 3, gain=1.0), nn.Tanh())
+        if dcgan:
+            nn.init.normal_(self.out[0].weight, 0, 0.02)
+        self.sel = nn.ModuleDict({str(r): self.spatial.sel_layers(r, 1)[0] for r, _, _ in self.spatial.levels}
+                                 if self.spatial is not None and sel != 'flatten' else {})
+        self.attn = attention.self_attention(g_attn, ch[g_attn_res]) if g_attn != 'none' else None
+
+    @property
+    def uses_heatmaps(self):
+        return self.spatial is not None
+
+    def sample_heatmaps(self, batch, device, generator=None):
+        return self.spatial.sample(batch, device, generator) if self.spatial is not None else None
+
+    def forward(self, z, heatmaps=None, noise_mode=None):
+        """z [B, z_dim] -> [B, 3, R, R]; heatmaps are sampled when G needs them (noise_mode: accepted
+        for the common interface; these G have no noise inputs)."""
+        if self.spatial is not None and heatmaps is None:
+            heatmaps = self.sample_heatmaps(z.shape[0], z.device)
+        flat = self.spatial.flat(heatmaps) if self.spatial is not None else None
+        x = self.fc(z if flat is None else torch.cat([z, flat * (flat.square().mean(1, keepdim=True) + 1e-8).rsqrt()], 1))
+        if self.bn0 is not None:
+            x = F.relu(self.bn0(x))
+        x = x.view(z.shape[0], -1, 4, 4)  # [B, ch(4), 4, 4]
+        hfeats = self.spatial.encode(heatmaps) if self.spatial is not None else {}
+        for res in [4] + [int(r) for r in self.stages]:
+            if res > 4:
+                x = self.stages[str(res)](x)  # [B, ch(res), res, res]
+            if str(res) in self.sel:
+                x = self.sel[str(res)](x, hfeats[res])
+            if self.attn is not None and res == self.attn_res:
+                x = self.attn(x)
+        return self.out(x)
+
+
+class SmallDiscriminator(nn.Module):
+    """D of SN-DCGAN (Miyato et al. Table 3b): per resolution a 3x3 conv, then a 4x4 stride-2 conv,
+    leaky ReLU 0.1 after each, a 3x3 conv at 4x4, a linear head; or of SNGAN (Table 4b): an optimized
+    _DBlock, down-sampling _DBlocks to 8x8, two more at 8x8, ReLU, global sum pooling, a linear head.
+    Spectral norm on every layer. D(img) -> logits [B] (+ features [B, C]: the pooled last features)
+    (+ {res: the last features at res}, for GradCAM)."""
+
+    def __init__(self, arch, resolution, channel_base=2048, channel_max=512, d_attn='none', d_attn_res=8):
+        super().__init__()
+        ch = channels_per_res(channel_base, channel_max, resolution)
+        self.arch, self.needs_ref, self.c_dim, self.attn_res = arch, False, 0, d_attn_res
+        self.stages = nn.ModuleDict()
+        lrelu = nn.LeakyReLU(0.1)
+        if arch == 'sndcgan':
+            for res in sorted(ch, reverse=True):
+                conv = lambda cin, cout, k, s: SNLayer(cin, cout, k, s, padding=1, std=0.02)
+                self.stages[str(res)] = nn.Sequential(conv(3, ch[res], 3, 1), lrelu) if res == resolution else \
+                    nn.Sequential(conv(ch[2 * res], ch[2 * res], 4, 2), lrelu, conv(ch[2 * res], ch[res], 3, 1), lrelu)
+            self.head = SNLayer(16 * ch[4], 1, std=0.02)
+        else:
+            ch = {r: c // 2 for r, c in ch.items()}
+            for res in [r for r in sorted(ch, reverse=True) if 8 <= r < resolution]:
+                blocks = [_DBlock(3, ch[res], first=True)] if res == resolution // 2 else [_DBlock(ch[2 * res], ch[res])]
+                blocks += [_DBlock(ch[8], ch[8], down=False) for _ in range(2)] if res == 8 else []
+                self.stages[str(res)] = nn.Sequential(*blocks)
+            self.head = SNLayer(ch[8], 1)
+        if d_attn not in ('none', 'self'):
+            raise ValueError(f'--d-attn {d_attn} needs --arch stylegan2 (a Siamese D); use --d-attn self or none')
+        if d_attn == 'self' and str(d_attn_res) not in self.stages:
+            raise ValueError(f'--d-attn-res {d_attn_res} is not a D resolution of --arch {arch}; use one of '
+                             f'{", ".join(self.stages)}')
+        self.attn = attention.SAN(ch[d_attn_res]) if d_attn == 'self' else None
+
+    def forward(self, img, ref=None, return_features=False, return_maps=False, c=None):
+        if ref is not None or c is not None:
+            raise ValueError(f'--arch {self.arch} has neither reference-attention nor class labels')
+        x, maps = img, {}
+        for res, stage in self.stages.items():
+            x = stage(x)
+            if self.attn is not None and int(res) == self.attn_res:
+                x = self.attn(x)
+            maps[int(res)] = x
+        if self.arch == 'sndcgan':
+            feat, logits = x.mean([2, 3]), self.head(x.flatten(1))
+        else:
+            feat = F.relu(x).sum([2, 3])  # [B, C]
+            logits = self.head(feat)
+        out = (logits.squeeze(1), feat) if return_features else (logits.squeeze(1),)
         return (*out, maps) if return_maps else (out[0] if len(out) == 1 else out)
 
 
 # ----------------------------------------------------------------------------------------------
 # Building networks from the training flags, and loading checkpoints written by train.py
 
-ARCH_KEYS = ('resolution', 'z_dim', 'w_dim', 'channel_base', 'channel_max', 'map_layers', 'mbstd_group', 'conv_clamp',
-             'g_attn', 'g_attn_res', 'd_attn', 'd_attn_res', 'ref_attn_eq', 'sel', 'heatmap')
+ARCH_KEYS = ('arch', 'resolution', 'z_dim', 'w_dim', 'channel_base', 'channel_max', 'map_layers', 'mbstd_group',
+             'conv_clamp', 'g_attn', 'g_attn_res', 'd_attn', 'd_attn_res', 'ref_attn_eq', 'sel', 'heatmap', 'c_dim',
+             'mbstd_layout', 'sel_placement')
+ARCH_DEFAULTS = dict(arch='stylegan2', c_dim=0, mbstd_layout='contiguous', sel_placement='paper')  # keys older checkpoints lack
+ARCHS = ('stylegan2', 'sndcgan', 'sngan')
 
 
 def build_networks(a):
     """(G, D) from a dict holding ARCH_KEYS (train.py's flags, or a checkpoint's 'args')."""
+    a = {**ARCH_DEFAULTS, **a}
+    if a['arch'] != 'stylegan2':
+        if a['arch'] not in ARCHS:
+            raise ValueError(f'unknown --arch {a["arch"]!r}; choose one of {", ".join(ARCHS)}')
+        return (SmallGenerator(a['arch'], a['resolution'], a['z_dim'], a['channel_base'], a['channel_max'], a['g_attn'],
+                               a['g_attn_res'], a['sel'], a['heatmap']),
+                SmallDiscriminator(a['arch'], a['resolution'], a['channel_base'], a['channel_max'], a['d_attn'], a['d_attn_res']))
     G = Generator(a['resolution'], a['z_dim'], a['w_dim'], a['channel_base'], a['channel_max'], a['map_layers'],
-                  a['conv_clamp'], a['g_attn'], a['g_attn_res'], a['sel'], a['heatmap'])
+                  a['conv_clamp'], a['g_attn'], a['g_attn_res'], a['sel'], a['heatmap'], a['c_dim'], a['sel_placement'])
     D = Discriminator(a['resolution'], a['channel_base'], a['channel_max'], a['mbstd_group'], a['conv_clamp'],
-                      a['d_attn'], a['d_attn_res'], a['ref_attn_eq'])
+                      a['d_attn'], a['d_attn_res'], a['ref_attn_eq'], a['c_dim'], a['mbstd_layout'])
     return G, D
 
 
+def load_weights(net, state):
+    """net.load_state_dict(state), also for checkpoints of earlier versions, which did not store the
+    resampling filters (then the fixed [1, 3, 3, 1] FIR, which the new buffers start as)."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith('resample_filter')]
+    if missing or unexpected:
+        raise RuntimeError(f'missing {missing[:3]}, unexpected {unexpected[:3]}')
+
+
 def read_checkpoint(path, device='cpu'):
-    """The raw dict of a train.py checkpoint (weights_only: no pickled code); ValueError in one line
-    for an unreadable file or one written by something else."""
+    """The raw dict of a train.py checkpoint (weights_only: no pickled code), or of an official network
+    pickle (read_network_pickle: none of its code runs); ValueError in one line for an unreadable file
+    or one written by something else."""
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):  # torch.save writes zips; a pickle starts with PROTO
+        with open(path, 'rb') as f:
+            if f.read(1) == b'\x80':
+                return read_network_pickle(path)
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -494,12 +810,161 @@ def load_checkpoint(path, device='cpu'):
     G, D = build_networks(ckpt['args'])
     for key, net in [('G', G), ('D', D), ('G_ema', copy.deepcopy(G))]:
         try:
-            net.load_state_dict(ckpt[key])
+            load_weights(net, ckpt[key])
         except (KeyError, RuntimeError) as e:  # missing / unexpected / misshapen tensors
             raise ValueError(f'{path}: its {key} does not fit the networks its args describe '
                              f'({" ".join(str(e).split())[:200]}); a checkpoint of another version of this code?') from None
         out[key] = net.to(device).eval().requires_grad_(False)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Official stylegan2-ada-pytorch network pickles (network-snapshot-*.pkl and the released models),
+# read without executing anything in them. Their modules are "persistent" pickles that carry their
+# own source code, which pickle.load (and the official legacy.load_network_pkl) runs: anyone who hands
+# you such a file runs code on your machine. Here the unpickler resolves an explicit allow-list only:
+# tensor and storage rebuilds (each storage is a nested torch.save, read with weights_only=True),
+# OrderedDict, numpy scalars, and the persistence reconstructor, mapped to a function that returns
+# the pickled module state as plain data. Every other global is refused. (The TF-era pickles that
+# legacy.py converts are another format, not read here.)
+
+def _numpy_dtype(code, align=False, copy=True):  # numpy.dtype('f8', ...): plain kinds only
+    if not re.fullmatch(r'[<>|=]?[fiub][1248]', str(code)):
+        raise pickle.UnpicklingError(f'numpy dtype {code!r} is not a plain number type')
+    return _DType(code)
+
+
+class _DType:  # the dtype's pickled state carries its byte order
+    def __init__(self, code):
+        self.code, self.order = code, '='
+
+    def __setstate__(self, state):
+        self.order = state[1]
+
+
+def _numpy_scalar(dtype, data):  # numpy.core.multiarray.scalar(dtype, bytes) -> a Python number
+    return np.frombuffer(data, np.dtype(dtype.code).newbyteorder(dtype.order))[0].item()
+
+
+def _storage(data):  # torch.storage._load_from_bytes: one storage, saved by the legacy torch.save
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    ALLOWED = {('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+               ('torch._utils', '_rebuild_parameter'): lambda data, requires_grad, hooks: data,
+               ('torch.storage', '_load_from_bytes'): _storage,
+               ('collections', 'OrderedDict'): collections.OrderedDict,
+               ('torch_utils.persistence', '_reconstruct_persistent_obj'): lambda meta: meta,  # {'class_name', 'state', ...}
+               ('numpy', 'dtype'): _numpy_dtype,
+               ('numpy.core.multiarray', 'scalar'): _numpy_scalar, ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
+               ('dnnlib.util', 'EasyDict'): dict}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f'it refers to {module}.{name}, which is not on the allow-list of a network '
+                                         f'snapshot (tensors, storages, OrderedDict, numpy scalars, persistent modules)')
+        return self.ALLOWED[(module, name)]
+
+
+def _flatten(meta, prefix='', tensors=None, modules=None):
+    """A persistent module's pickled state -> ({name: tensor}, {path: (class name, attributes)})."""
+    tensors, modules = {} if tensors is None else tensors, {} if modules is None else modules
+    if not (isinstance(meta, dict) and isinstance(meta.get('state'), dict) and '_modules' in meta['state']):
+        raise ValueError(f'{prefix.rstrip(".") or "a network"} is not a pickled PyTorch module')
+    st = meta['state']
+    modules[prefix.rstrip('.')] = (meta.get('class_name'), {k: v for k, v in st.items() if not k.startswith('_') or k == '_init_kwargs'})
+    for k, v in [*st['_parameters'].items(), *st['_buffers'].items()]:
+        if v is not None:
+            tensors[prefix + k] = v
+    for k, v in st['_modules'].items():
+        _flatten(v, f'{prefix}{k}.', tensors, modules)
+    return tensors, modules
+
+
+def _official_args(gm, dm, path):
+    """Our architecture flags for an official G and D (their {path: (class, attributes)}), or
+    ValueError naming what this code cannot represent."""
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f'{path}: {what}; this code represents StyleGAN2 networks (a skip G and a residual D, '
+                             f'as stylegan2-ada-pytorch trains them)')
+    (gcls, g), (dcls, d) = gm[''], dm['']
+    need((gcls, dcls) == ('Generator', 'Discriminator'), f'its networks are a {gcls} and a {dcls}')
+    need(gm.get('synthesis', ('',))[0] == 'SynthesisNetwork' and 'block_resolutions' in gm['synthesis'][1],
+         "its synthesis network is not StyleGAN2's (StyleGAN3's has no blocks)")
+    need(g.get('img_channels') == 3 and d.get('img_channels') == 3, f'its images have {g.get("img_channels")} channels, not 3')
+    for net, cls, want in ((gm, 'SynthesisBlock', 'skip'), (dm, 'DiscriminatorBlock', 'resnet')):
+        kinds = sorted({str(a.get('architecture')) for c, a in net.values() if c == cls})
+        need(kinds == [want], f"its {'G' if net is gm else 'D'} architecture is {', '.join(kinds)}, not '{want}'")
+    acts = sorted({str(a['activation']) for c, a in [*gm.values(), *dm.values()] if 'activation' in a})
+    need(set(acts) <= {'lrelu', 'linear'}, f'it uses the activations {", ".join(acts)}, not leaky ReLU')
+    need(all(a.get('use_noise') for c, a in gm.values() if c == 'SynthesisLayer'), 'its synthesis layers have no noise inputs')
+    mapping = gm['mapping'][1]
+    need(mapping.get('w_avg_beta') == 0.995, f'its w_avg decay is {mapping.get("w_avg_beta")}, not 0.995')
+    need(all(a.get('bias_gain') == 0.01 for p, (c, a) in gm.items() if p.startswith('mapping.fc')),
+         'its mapping network has another learning-rate multiplier than 0.01')
+    c_dim, mbstd = g['c_dim'], dm['b4.mbstd'][1]
+    need(d.get('c_dim') == c_dim, f'its G has {c_dim} classes, its D {d.get("c_dim")}')
+    need(mbstd.get('num_channels') == 1 and isinstance(mbstd.get('group_size'), int),
+         f'its minibatch-std layer has group {mbstd.get("group_size")} and {mbstd.get("num_channels")} channels (not an int and 1)')
+    gk, dk = g.get('_init_kwargs', {}), d.get('_init_kwargs', {})
+    syn = gk.get('synthesis_kwargs', {})
+    base, cmax = syn.get('channel_base', 32768), syn.get('channel_max', 512)  # the official defaults
+    need((dk.get('channel_base', 32768), dk.get('channel_max', 512)) == (base, cmax),
+         f'its D has channel_base / max {dk.get("channel_base", 32768)} / {dk.get("channel_max", 512)}, G {base} / {cmax}')
+    if c_dim:
+        need(dm['mapping'][1].get('num_layers') == 8 and dm['b4'][1].get('cmap_dim') == min(base // 4, cmax),
+             "its D's label mapping is not the default one (8 layers to channels(4))")
+    clamps = {a.get('conv_clamp') for c, a in [*gm.values(), *dm.values()]
+              if c in ('SynthesisLayer', 'ToRGBLayer') or c == 'Conv2dLayer' and a.get('activation') == 'lrelu'}
+    need(len(clamps) == 1, f'its layers clamp at several values ({clamps})')
+    return dict(ARCH_DEFAULTS, arch='stylegan2', resolution=g['img_resolution'], z_dim=g['z_dim'], w_dim=g['w_dim'],
+                channel_base=base, channel_max=cmax, map_layers=mapping['num_layers'], mbstd_group=mbstd['group_size'],
+                conv_clamp=clamps.pop(), g_attn='none', g_attn_res=32, d_attn='none', d_attn_res=8, ref_attn_eq=8,
+                sel='none', heatmap='hier', c_dim=c_dim, mbstd_layout='strided')
+
+
+def read_network_pickle(path):
+    """An official stylegan2-ada-pytorch snapshot -> a checkpoint dict like train.py's: 'args' (our
+    flags, read from the pickled modules; 'strided' minibatch-std, the official grouping), 'G', 'D',
+    'G_ema' (state dicts in our names), step and nimg 0. ValueError in one line for a pickle that
+    refers to anything off the allow-list, or whose networks this code cannot represent."""
+    try:
+        with open(path, 'rb') as f:
+            snap = _SafeUnpickler(f).load()
+    except FileNotFoundError:
+        raise ValueError(f'no network pickle at {path}') from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f'refused to read {path}: {e}; nothing in it was run') from None
+    if not (isinstance(snap, dict) and all(k in snap for k in ('G', 'D', 'G_ema'))):
+        raise ValueError(f'{path} is not a stylegan2-ada network snapshot (a dict with G, D and G_ema)')
+    nets = {k: _flatten(snap[k]) for k in ('G', 'D', 'G_ema')}
+    args = _official_args(nets['G'][1], nets['D'][1], path)
+    G, D = build_networks(args)
+    out = dict(args=args, step=0, nimg=0, official=True)
+    for key, ours in (('G', G), ('D', D), ('G_ema', G)):
+        tensors, modules = nets[key]
+        out[key] = _official_state(tensors, modules, ours.state_dict(), f'{path}: {key}')
+    return out
+
+
+def _official_state(tensors, modules, own, where):
+    """The official tensors as a state dict of ours (the names are the official ones), checked both
+    ways: every tensor of ours is present with its shape, and the only official tensors left over are
+    the filters of layers that do not resample (the official code never reads them)."""
+    unused = [k for k in tensors.keys() - own.keys() if k.endswith('.resample_filter') or k == 'resample_filter']
+    for k in unused:
+        owner = k.rsplit('.', 1)[0] if '.' in k else ''
+        cls, attrs = modules[owner]
+        if attrs.get('up', 1) != 1 or attrs.get('down', 1) != 1 or (cls == 'SynthesisBlock' and attrs.get('in_channels')):
+            raise ValueError(f'{where}: {k} resamples in the official network but not in ours')
+    extra, missing = sorted(tensors.keys() - own.keys() - set(unused)), sorted(own.keys() - tensors.keys())
+    shape = sorted(k for k in own.keys() & tensors.keys() if tuple(own[k].shape) != tuple(tensors[k].shape))
+    if extra or missing or shape:
+        raise ValueError(f'{where} does not map onto this code\'s network: unknown tensors {extra[:3]}, missing {missing[:3]}, '
+                         f'other shapes {[(k, tuple(tensors[k].shape), tuple(own[k].shape)) for k in shape[:2]]}')
+    return {k: tensors[k].detach().float().contiguous() for k in own}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,6 +975,7 @@ def load_checkpoint(path, device='cpu'):
 # resolution are dropped). 'noise' heatmaps have no centres: only the maps.
 
 SEL_KINDS = ('none', 'norm', 'concat', 'flatten')
+SEL_PLACEMENTS = ('paper', 'official')
 HEATMAP_KINDS = ('hier', 'nonhier', 'noise')
 HEAT_LEVELS = ((4, 1), (8, 2), (16, 4))  # (resolution, number of Gaussian centres), Sec. 4.1
 # The paper only says the spread shrinks level by level; we take one cell of each level's own grid
@@ -644,12 +1110,12 @@ class SpatialEncoding(nn.Module):
             return {}
         return {r: self.enc[str(r)](heatmaps[f'h{r}']) for r, _, _ in self.levels}
 
-    def sel_for(self, res):
-        """New [SEL after conv0 / const, SEL after conv1] for the G block at res, or None."""
+    def sel_layers(self, res, n):
+        """n new SELs for features at resolution res (a heatmap level), or None."""
         if self.sel == 'flatten' or res not in [r for r, _, _ in self.levels]:
             return None
         kind = SELNorm if self.sel == 'norm' else SELConcat
-        return nn.ModuleList([kind(self.channels[res], self.hidden) for _ in range(2)])
+        return nn.ModuleList([kind(self.channels[res], self.hidden) for _ in range(n)])
 
 
 # ----------------------------------------------------------------------------------------------

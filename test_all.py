@@ -251,14 +251,44 @@ def test_upsample_and_downsample_filters():
     assert torch.allclose(model.blur(c, f, 2)[:, :, 2:-2, 2:-2], torch.ones(1, 3, 5, 5))
 
 
+def upfirdn2d_ref(x, f, up=1, down=1, pad=(0, 0), gain=1.0):
+    """The official upfirdn2d's definition, written out: zero insertion by `up`, padding (before,
+    after) on both axes, a true convolution with f (flipped, then correlated) times gain, keeping
+    every `down`-th pixel. An independent reference for the FIR resampling of model.py."""
+    B, C, H, W = x.shape
+    z = torch.zeros(B, C, H * up, W * up, dtype=x.dtype)
+    z[:, :, ::up, ::up] = x
+    z = F.pad(z, [pad[0], pad[1], pad[0], pad[1]])
+    y = F.conv2d(z, (f.flip([0, 1]) * gain).expand(C, 1, *f.shape), groups=C)
+    return y[:, :, ::down, ::down]
+
+
+def test_resampling_with_an_asymmetric_filter_follows_upfirdn2d():
+    """A loaded network may hold any 4x4 filter: the image upsampling, the up-conv of G and the
+    down-convs of D (3x3 and the 1x1 skip) against upfirdn2d_ref with the official paddings."""
+    torch.manual_seed(0)
+    f = torch.rand(4, 4, dtype=torch.float64)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    assert torch.allclose(model.upsample2d(x, f), upfirdn2d_ref(x, f, up=2, pad=(2, 1), gain=4), atol=1e-12)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    up = F.conv_transpose2d(x, w.transpose(0, 1), stride=2)  # the official transposed conv, then the FIR
+    assert torch.allclose(model.conv2d_resample(x, w, f, up=2), upfirdn2d_ref(up, f, pad=(1, 1), gain=4), atol=1e-12)
+    assert torch.allclose(model.conv2d_resample(x, w, f, down=2), F.conv2d(upfirdn2d_ref(x, f, pad=(2, 2)), w, stride=2),
+                          atol=1e-12)
+    w1 = torch.randn(5, 3, 1, 1, dtype=torch.float64)
+    assert torch.allclose(model.conv2d_resample(x, w1, f, down=2), F.conv2d(upfirdn2d_ref(x, f, down=2, pad=(1, 1)), w1),
+                          atol=1e-12)
+
+
 @pytest.mark.parametrize('padding', [1, 2])
 def test_blur_gradients_of_any_order(padding):
-    # blur has a hand-written gradient (the flipped filter, padding k - 1 - p): compare values and
-    # first and second derivatives with autograd through a plain grouped conv; an asymmetric filter
-    # checks the flip, gradgradcheck the second order R1 / path length / GradCAM need.
+    # blur is a true convolution with f (the official upfirdn2d flips the filter) with a hand-written
+    # gradient (correlation with f, padding k - 1 - p): compare values and first and second derivatives
+    # with autograd through a plain grouped conv of the flipped filter; an asymmetric filter checks the
+    # flips, gradgradcheck the second order R1 / path length / GradCAM need.
     f = torch.rand(4, 4, dtype=torch.float64)
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
-    plain = lambda x: F.conv2d(x, f.expand(3, 1, 4, 4), padding=padding, groups=3)
+    plain = lambda x: F.conv2d(x, f.flip([0, 1]).expand(3, 1, 4, 4), padding=padding, groups=3)
     outs = []
     for fn in (lambda x: model.blur(x, f, padding), plain):
         y = fn(x)
@@ -959,9 +989,9 @@ def test_spatial_encoding_kinds():
     fl = model.SpatialEncoding('flatten', 'hier', 32, ch)
     h = sp_draw(fl, 3)
     assert fl.flat_dim == 16 + 64 + 256 and fl.flat(h).shape == (3, 336) and fl.encode(h) == {}
-    assert fl.sel_for(8) is None and len(list(fl.parameters())) == 0
+    assert fl.sel_layers(8, 2) is None and len(list(fl.parameters())) == 0
     no = model.SpatialEncoding('norm', 'hier', 32, ch)
-    assert no.flat_dim == 0 and no.flat(h) is None and no.sel_for(32) is None
+    assert no.flat_dim == 0 and no.flat(h) is None and no.sel_layers(32, 2) is None
     assert {r: v.shape for r, v in no.encode(h).items()} == {r: (3, model.HEAT_HIDDEN, r, r) for r in (4, 8, 16)}
 
 
@@ -2119,6 +2149,16 @@ def run_train(tmp_path, *extra, name='run'):
     return out
 
 
+SN_FLAGS = ['--resolution', '16', '--channel-base', '64', '--channel-max', '16', '--z-dim', '16', '--batch', '8',
+            '--workers', '0', '--metrics', 'none', '--max-images', '64', '--log-sec', '0']
+
+
+def run_sn(tmp_path, arch, *extra, name='sn'):  # a tiny SN-DCGAN / SNGAN run (its -cpu preset, narrowed)
+    out = str(tmp_path / name)
+    train.main(['--cfg', f'{arch}-cpu'] + SN_FLAGS + ['--out', out, *extra])
+    return out
+
+
 def load(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
@@ -2205,7 +2245,7 @@ def test_resume_takes_new_lr_and_refuses_another_run_or_a_stale_checkpoint(tmp_p
     train.main(flags + ['--seed', '5', '--lr', '1e-4', '--resume', ckpts[-1]])  # on purpose: allowed
     ck = load(f'{out}/ckpt-0000004.pt')
     assert ck['args']['seed'] == 5 and ck['step'] == 4
-    assert ck['opt_G']['param_groups'][0]['lr'] == pytest.approx(1e-4)  # the flag, not the saved 2e-3
+    assert ck['opt_G']['param_groups'][0]['lr'] == pytest.approx(1e-4 * 4 / 5)  # the flag, not the saved 2e-3 (x 4 / 5: lazy G)
     assert ck['opt_D']['param_groups'][0]['lr'] == pytest.approx(1e-4 * 16 / 17)  # lazy R1: lr x 16 / 17
     del ck['G']['synthesis.b4.const']
     torch.save(ck, tmp_path / 'old.pt')
@@ -2655,8 +2695,6 @@ def test_bad_flags_and_checkpoints_give_one_line_errors(tmp_path, capsys):
                           (['--g-attn-res', '8'], '--g-attn-res does nothing without --g-attn'),
                           (['--d-attn-res', '4'], '--d-attn-res does nothing without --d-attn'),
                           (['--d-attn', 'self', '--ref-attn-eq', '1'], 'without --d-attn ref'),
-                          (['--gamma', '0', '--r1-interval', '4'], 'without a positive --gamma'),
-                          (['--pl-interval', '2'], 'without a positive --pl-weight'),  # the cpu preset: no path length
                           (['--num-gen', '10'], '--num-gen does nothing without --metrics')]:
         expect_error(capsys, TINY_FLAGS + ['--out', out, *extra], needle)
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--metrics', 'swd,fid50k3'], 'unknown metric')
@@ -3029,12 +3067,12 @@ def test_build_networks_and_checkpoint_round_trip_every_arch_key(tmp_path):
     it loads back into G, D and a separate G_ema with exactly the saved tensors, in eval mode, frozen."""
     a = dict(resolution=16, z_dim=24, w_dim=16, channel_base=128, channel_max=16, map_layers=3, mbstd_group=2,
              conv_clamp=0.3, g_attn='san', g_attn_res=16, d_attn='ref', d_attn_res=8, ref_attn_eq=1,
-             sel='concat', heatmap='nonhier')
+             sel='concat', heatmap='nonhier', arch='stylegan2', c_dim=3, mbstd_layout='strided', sel_placement='official')
     assert set(a) == set(model.ARCH_KEYS)
     torch.manual_seed(0)
     G, D = model.build_networks(a)
     syn = G.synthesis
-    assert G.mapping.fc0.weight.shape == (16, 24) and G.mapping.layers == 3 and hasattr(G.mapping, 'fc2')
+    assert G.mapping.fc0.weight.shape == (16, 24 + 16) and G.mapping.layers == 3 and hasattr(G.mapping, 'fc2')  # z, embedded c
     assert syn.b4.conv1.weight.shape == (16, 16, 3, 3) and syn.b16.conv0.weight.shape == (8, 16, 3, 3)  # min(128 // r, 16)
     assert isinstance(syn.b16.conv1.attn, attention.SAN) and not hasattr(syn.b8.conv1, 'attn')
     assert isinstance(D.b8.conv0.attn, attention.RefAttention) and D.b8.conv0.attn.eq == 1 and D.b16.conv0.kind is None
@@ -3042,6 +3080,9 @@ def test_build_networks_and_checkpoint_round_trip_every_arch_key(tmp_path):
     assert {m.conv_clamp for m in G.modules() if isinstance(m, (model.SynthesisLayer, model.ToRGB))} == {0.3}
     assert D.b8.conv1.conv_clamp == D.b16.fromrgb.conv_clamp == D.b4.conv.conv_clamp == 0.3
     assert (G.spatial.sel, G.spatial.mode) == ('concat', 'nonhier') and isinstance(syn.b8.sel[0], model.SELConcat)
+    assert isinstance(syn.b8.sel_in, model.SELConcat) and syn.b8.local_rgb and syn.b4.sel_in is None
+    assert G.mapping.embed.weight.shape == (16, 3) and D.mapping.embed.weight.shape == (16, 3) and D.b4.cmap_dim == 16
+    assert D.b4.mbstd_layout == 'strided'
     G_ema = copy.deepcopy(G)
     with torch.no_grad():
         for p in G_ema.parameters():
@@ -3057,9 +3098,16 @@ def test_build_networks_and_checkpoint_round_trip_every_arch_key(tmp_path):
         assert state.keys() == saved[key].keys() and all(torch.equal(state[k], saved[key][k]) for k in state), key
         assert not out[key].training and not any(p.requires_grad for p in out[key].parameters())
     h = G.sample_heatmaps(2, 'cpu', torch.Generator().manual_seed(0))
-    z = torch.randn(2, 24)
+    z, c = torch.randn(2, 24), torch.eye(3)[:2]
     with torch.no_grad():
-        assert torch.equal(out['G_ema'](z, heatmaps=h, noise_mode='const'), G_ema.eval()(z, heatmaps=h, noise_mode='const'))
+        assert torch.equal(out['G_ema'](z, heatmaps=h, noise_mode='const', c=c), G_ema.eval()(z, heatmaps=h, noise_mode='const', c=c))
+    # a checkpoint of the version before these keys and the stored resampling filters still loads
+    old = {k: v for k, v in a.items() if k not in model.ARCH_DEFAULTS}
+    plain = model.build_networks(old)
+    strip = lambda net: {k: v for k, v in net.state_dict().items() if not k.endswith('resample_filter')}
+    torch.save(dict(G=strip(plain[0]), D=strip(plain[1]), G_ema=strip(plain[0]), args=old, step=1, nimg=8), tmp_path / 'old.pt')
+    back = model.load_checkpoint(str(tmp_path / 'old.pt'))
+    assert torch.equal(back['G'].synthesis.b8.resample_filter, model.fir_filter()) and back['D'].c_dim == 0
 
 
 def test_to_uint8_and_image_grid_by_hand(tmp_path):
@@ -3365,20 +3413,25 @@ def _gmain_z(monkeypatch):  # the z of every G forward that updates w_avg (Gmain
 
 
 def test_training_tracks_w_avg_and_step_seeds_differ_across_runs(tmp_path, monkeypatch):
-    """Gmain's mapping pass updates w_avg (beta 0.995): after one step from zeros it is 0.005 x the
-    batch mean of w, recomputed from the step's z with the initial mapping, in G and G_ema. And
-    (seed, step) name independent streams: --seed 1's first step does not reuse --seed 0's second."""
+    """Every phase that runs the mapping updates w_avg (beta 0.995), as the official code: after one
+    step from zeros it is lerp(0.005 x Gmain's batch mean of w under the initial mapping, Dmain's batch
+    mean under the mapping after G's step, 0.005), in G and G_ema. And (seed, step) name independent
+    streams: --seed 1's first step does not reuse --seed 0's second."""
     zs, nets = _gmain_z(monkeypatch), []
     real_build = model.build_networks
     monkeypatch.setattr(model, 'build_networks', lambda a: (lambda G, D: nets.append(copy.deepcopy(G)) or (G, D))(*real_build(a)))
     out = run_train(tmp_path, '--kimg', '0.016', '--snap-kimg', '0.008', '--keep', '5', name='s0')
-    with torch.no_grad():
-        want = 0.005 * nets[0].mapping(zs[0])[:, 0].mean(0)
     ck = load(f'{out}/ckpt-0000001.pt')
+    stepped = copy.deepcopy(nets[0])
+    stepped.load_state_dict(ck['G'])
+    with torch.no_grad():
+        first = 0.005 * nets[0].mapping(zs[0])[:, 0].mean(0)
+        want = torch.lerp(first, stepped.mapping(zs[1])[:, 0].mean(0), 0.005)
     assert want.abs().max() > 0 and torch.allclose(ck['G']['mapping.w_avg'], want, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(ck['G']['mapping.w_avg'], first, rtol=1e-2)  # Dmain's update counts
     assert torch.equal(ck['G_ema']['mapping.w_avg'], ck['G']['mapping.w_avg'])
     run_train(tmp_path, '--kimg', '0.008', '--seed', '1', name='s1')
-    assert len(zs) == 3 and not any(torch.allclose(z, zs[2]) for z in zs[:2])
+    assert len(zs) == 6 and not any(torch.allclose(z, zs[4]) for z in zs[:4])  # Gmain, Dmain per step
 
 
 def test_presets_follow_the_official_configs():
@@ -3396,14 +3449,21 @@ def test_presets_follow_the_official_configs():
     assert len(data.make_dataset(None, 16)) == 50_000  # the built-in set's default size
 
 
-def test_resume_auto_refuses_a_changed_mirror_and_gamma_0_keeps_adam_unscaled(tmp_path, capsys):
-    """--mirror changes the data: --resume auto refuses it. Lazy regularisation's c = I / (I + 1) scales
-    a network's Adam only while its regulariser runs: with --gamma 0 D keeps lr and betas as given."""
+def test_resume_auto_refuses_a_changed_mirror_and_lazy_scaling_follows_the_official_code(tmp_path, capsys):
+    """--mirror changes the data: --resume auto refuses it. The official StyleGAN2 sets both lazy
+    intervals always, so c = I / (I + 1) scales Adam even with R1 and path length off (EqGAN-SA's
+    --pl_w=0 runs G at lr x 4/5, beta2 0.99 ** (4/5)); the SN backbones scale only while R1 runs."""
     out = run_train(tmp_path, '--kimg', '0.008', '--mirror', '--gamma', '0')
-    for opt in ('opt_G', 'opt_D'):  # the cpu preset has no path length either
+    for opt, c in (('opt_G', 4 / 5), ('opt_D', 16 / 17)):  # the cpu preset has no path length either
         group = load(f'{out}/ckpt-0000001.pt')[opt]['param_groups'][0]
-        assert group['lr'] == pytest.approx(2e-3) and group['betas'] == pytest.approx((0.0, 0.99)), opt
+        assert group['lr'] == pytest.approx(2e-3 * c) and group['betas'] == pytest.approx((0.0, 0.99 ** c)), opt
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--kimg', '0.016'], '--mirror True (this run: False)')
+    for gamma, c in (('0', 1), ('1', 16 / 17)):
+        sn = run_sn(tmp_path, 'sndcgan', '--kimg', '0.008', '--gamma', gamma, name=f'sn{gamma}')
+        ck = load(f'{sn}/ckpt-0000001.pt')
+        assert ck['opt_G']['param_groups'][0]['betas'] == pytest.approx((0.5, 0.999))
+        assert ck['opt_D']['param_groups'][0]['lr'] == pytest.approx(2e-4 * c)
+        assert ck['opt_D']['param_groups'][0]['betas'] == pytest.approx((0.5 ** c, 0.999 ** c))
 
 
 def test_ema_without_rampup(tmp_path):

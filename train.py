@@ -28,6 +28,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import data
 import losses
@@ -35,22 +36,38 @@ import metrics
 import model
 
 # Presets: per-config defaults; an explicit flag always wins. 'e' and 'f' are the StyleGAN2 paper's
-# configs (TF run_training.py), 'paper256' is stylegan2-ada-pytorch's (EqGAN-SA's baseline), 'cpu' is
-# a small network that learns the built-in dataset in minutes on 2 CPU cores.
+# configs (TF run_training.py), 'paper256' is stylegan2-ada-pytorch's (EqGAN-SA's baseline), 'eqgan256'
+# the EqGAN-SA authors' training command on top of it (no path length, no style mixing), 'cpu' a small
+# network that learns the built-in dataset in minutes on 2 CPU cores. 'sndcgan' / 'sngan': the SN
+# paper's CIFAR-10 networks and Adam settings (Miyato et al. 2018: SN-DCGAN with Table 1's setting C,
+# the ResNet with lr 2e-4, betas (0, 0.9), 5 D steps per G step), '-cpu': narrower versions for CPUs.
+STYLEGAN2 = dict(arch='stylegan2', z_dim=512, w_dim=512, style_mix=0.9, beta1=0.0, beta2=0.99, n_dis=1)
+SN = dict(z_dim=128, w_dim=None, map_layers=None, mbstd_group=None, style_mix=0.0, pl_weight=0, gamma=0, ema_kimg=0,
+          ema_rampup=0, lr=0.0002, batch=64, resolution=32)  # no mapping, minibatch-std, mixing, path length, R1, EMA
+PAPER256 = dict(STYLEGAN2, resolution=256, channel_base=16384, channel_max=512, map_layers=8, batch=64, lr=0.0025, gamma=1,
+                ema_kimg=20, ema_rampup=0, pl_weight=2, mbstd_group=8, kimg=25000, snap_kimg=50, metrics='fid50k_full,di')
 CONFIGS = {
-    'cpu':      dict(resolution=32, channel_base=4096, channel_max=256, map_layers=2, batch=16, lr=0.002,
-                     gamma=0.05, ema_kimg=5, ema_rampup=0.05, pl_weight=0, mbstd_group=4, kimg=10,
-                     snap_kimg=2, metrics='swd2k,di2k', metrics_kimg=5),
-    'e':        dict(resolution=256, channel_base=16384, channel_max=512, map_layers=8, batch=32, lr=0.002,
-                     gamma=100, ema_kimg=10, ema_rampup=0, pl_weight=2, mbstd_group=4, kimg=25000,
-                     snap_kimg=50, metrics='fid50k_full,di'),
-    'f':        dict(resolution=256, channel_base=32768, channel_max=512, map_layers=8, batch=32, lr=0.002,
-                     gamma=10, ema_kimg=10, ema_rampup=0, pl_weight=2, mbstd_group=4, kimg=25000,
-                     snap_kimg=50, metrics='fid50k_full,di'),
-    'paper256': dict(resolution=256, channel_base=16384, channel_max=512, map_layers=8, batch=64, lr=0.0025,
-                     gamma=1, ema_kimg=20, ema_rampup=0, pl_weight=2, mbstd_group=8, kimg=25000,
-                     snap_kimg=50, metrics='fid50k_full,di'),
+    'cpu':         dict(STYLEGAN2, resolution=32, channel_base=4096, channel_max=256, map_layers=2, batch=16, lr=0.002,
+                        gamma=0.05, ema_kimg=5, ema_rampup=0.05, pl_weight=0, mbstd_group=4, kimg=10, snap_kimg=2,
+                        metrics='swd2k,di2k', metrics_kimg=5),
+    'e':           dict(STYLEGAN2, resolution=256, channel_base=16384, channel_max=512, map_layers=8, batch=32, lr=0.002,
+                        gamma=100, ema_kimg=10, ema_rampup=0, pl_weight=2, mbstd_group=4, kimg=25000, snap_kimg=50,
+                        metrics='fid50k_full,di'),
+    'f':           dict(STYLEGAN2, resolution=256, channel_base=32768, channel_max=512, map_layers=8, batch=32, lr=0.002,
+                        gamma=10, ema_kimg=10, ema_rampup=0, pl_weight=2, mbstd_group=4, kimg=25000, snap_kimg=50,
+                        metrics='fid50k_full,di'),
+    'paper256':    PAPER256,
+    'eqgan256':    dict(PAPER256, pl_weight=0, style_mix=0.0),
+    'sndcgan':     dict(SN, arch='sndcgan', channel_base=2048, channel_max=512, beta1=0.5, beta2=0.999, n_dis=1, kimg=6400,
+                        snap_kimg=100, metrics='fid50k_full,di'),
+    'sndcgan-cpu': dict(SN, arch='sndcgan', channel_base=512, channel_max=128, beta1=0.5, beta2=0.999, n_dis=1, kimg=100,
+                        snap_kimg=10, metrics='swd2k,di2k', metrics_kimg=20),
+    'sngan':       dict(SN, arch='sngan', channel_base=8192, channel_max=256, beta1=0.0, beta2=0.9, n_dis=5, kimg=16000,
+                        snap_kimg=100, metrics='fid50k_full,di'),
+    'sngan-cpu':   dict(SN, arch='sngan', channel_base=2048, channel_max=64, beta1=0.0, beta2=0.9, n_dis=5, kimg=100,
+                        snap_kimg=10, metrics='swd2k,di2k', metrics_kimg=20),
 }
+STYLEGAN2_ONLY = ('w_dim', 'map_layers', 'mbstd_group', 'style_mix', 'pl_weight')  # preset flags the other backbones lack
 
 
 def make_parser():
@@ -64,18 +81,25 @@ def make_parser():
     a('--out', default='runs/default', help='output folder: checkpoints, grids, log.jsonl')
     a('--resume', default='auto', help="'auto' (latest checkpoint in --out, if any), a path, or 'none'")
     a('--seed', type=int, default=0, help='seed of weights, latents, data order')
-    a('--cfg', default='e', choices=sorted(CONFIGS), help='preset for the flags below left unset (default e)')
+    a('--cfg', choices=sorted(CONFIGS), help="preset for the flags below left unset (default: e, or the --arch's own)")
+    a('--init', help='fine-tune from these networks: a stylegan2-ada network-snapshot-*.pkl or a ckpt-*.pt '
+                     '(G, D, G_ema; fresh optimisers and step 0; the architecture flags come from it)')
+    a('--cond', action='store_true', help='class-conditional: labels from dataset.json or class subfolders '
+                                          '(built-in set: the number of objects)')
     a('--kimg', type=float, help='training length in thousands of real images shown to D')
     a('--device', default='auto', help="auto, cpu, cuda (torchrun: cuda:LOCAL_RANK)")
     a('--workers', type=int, default=2, help='data-loading processes per GPU/process')
     # architecture (stored in the checkpoint)
-    a('--resolution', type=int, help='image size, a power of two (cpu: 32, others: 256)')
+    a('--arch', choices=model.ARCHS, help='backbone: stylegan2 (default), sndcgan or sngan (Miyato et al. 2018)')
+    a('--resolution', type=int, help='image size, a power of two (cpu, sn*: 32, others: 256)')
     a('--channel-base', type=int, help='channels at resolution r: min(channel_base / r, channel_max)')
     a('--channel-max', type=int, help='maximum channels per layer (512 in the papers)')
     a('--map-layers', type=int, help='mapping network depth (8 in the papers)')
-    a('--z-dim', type=int, default=512, help='latent size')
-    a('--w-dim', type=int, default=512, help='intermediate latent size')
+    a('--z-dim', type=int, help='latent size (stylegan2: 512, sn*: 128)')
+    a('--w-dim', type=int, help='intermediate latent size (512)')
     a('--mbstd-group', type=int, help='minibatch-std group size (4; paper256: 8)')
+    a('--mbstd-layout', default='contiguous', choices=model.MBSTD_LAYOUTS,
+      help="minibatch-std groups: consecutive samples (DDP-invariant) or the official code's strided ones")
     a('--g-attn', default='none', choices=['none', 'san', 'sagan', 'dfn', 'vt'], help='self-attention in G (thesis Table 2.3)')
     a('--g-attn-res', type=int, default=32, help='G resolution whose conv the attention replaces (paper: 32)')
     a('--d-attn', default='none', choices=['none', 'self', 'ref'], help='SAN self-attention or reference-attention in D (Table 2.5)')
@@ -83,17 +107,22 @@ def make_parser():
     a('--ref-attn-eq', type=int, default=8, choices=[8, 1, 2], help='K/Q/V sources: Eq. 2.8 (main paper) or supplement Eq. 1 / 2')
     a('--sel', default='none', choices=['none', 'norm', 'concat', 'flatten'], help='EqGAN-SA spatial encoding in G (Table 4)')
     a('--heatmap', default='hier', choices=['hier', 'nonhier', 'noise'], help='EqGAN-SA heatmap sampling (Table 3)')
+    a('--sel-placement', default='paper', choices=model.SEL_PLACEMENTS,
+      help="SELs after each conv ('paper') or before every conv plus one local to toRGB (the authors' code)")
     # losses and optimisation
     a('--loss', default='nonsat', choices=losses.LOSSES, help='adversarial loss (thesis Table 2.1)')
     a('--g-form', default='swap', choices=['swap', 'minimax'], help='G side of the contrastive loss (see README)')
     a('--warmup-kimg', type=float, help='contrastive: non-saturating warm-up length (default: 20 epochs of the data)')
     a('--batch', type=int, help='global batch size (split across processes)')
-    a('--lr', type=float, help='Adam learning rate of G and D (betas 0, 0.99)')
+    a('--lr', type=float, help='Adam learning rate of G and D')
+    a('--beta1', type=float, help='Adam beta1 (stylegan2: 0, sndcgan: 0.5, sngan: 0)')
+    a('--beta2', type=float, help='Adam beta2 (stylegan2: 0.99, sndcgan: 0.999, sngan: 0.9)')
+    a('--n-dis', type=int, help='D steps per G step (sngan: 5, others: 1)')
     a('--gamma', type=float, help='R1 weight (e: 100, f: 10, paper256: 1); 0 disables')
     a('--r1-interval', type=int, default=16, help='lazy R1 every N steps')
     a('--pl-weight', type=float, help='path-length weight (2 in the papers; 0 disables)')
     a('--pl-interval', type=int, default=4, help='lazy path length every N steps')
-    a('--style-mix', type=float, default=0.9, help='style-mixing probability')
+    a('--style-mix', type=float, help='style-mixing probability (stylegan2: 0.9; eqgan256: 0)')
     a('--ema-kimg', type=float, help='G EMA half-life in kimg')
     a('--ema-rampup', type=float, help='EMA ramp-up: half-life <= rampup * images seen (0 = off)')
     a('--align-weight', type=float, default=1.0, help='EqGAN-SA alignment loss weight (with --sel)')
@@ -115,7 +144,7 @@ def make_parser():
     a('--log-sec', type=float, default=10, help='seconds between log lines')
     a('--snap-kimg', type=float, help='kimg between snapshots: grid, checkpoint (cpu: 2, others: 50)')
     a('--keep', type=int, default=3, help='checkpoints to keep')
-    a('--metrics', help="comma list: fid50k_full, fid10k, kid50k_full, pr50k3_full, ppl_wend, swd, swd2k, di, di2k, fddf, "
+    a('--metrics', help="comma list: fid50k_full, fid10k, kid50k_full, pr50k3_full, ppl2_wend, swd, swd2k, di, di2k, fddf, "
                         "or 'none' (cpu: swd2k,di2k; others: fid50k_full,di)")
     a('--metrics-kimg', type=float, help='kimg between metric evaluations (cpu: 5; others: every snapshot)')
     a('--num-gen', type=int, help='override the number of generated images of every metric')
@@ -124,7 +153,12 @@ def make_parser():
 
 
 def parse_args(argv=None):
+    """The flags, with the preset (--cfg, by default e or the --arch's own) filling those left unset;
+    args.explicit lists the preset flags given on the command line."""
     args = make_parser().parse_args(argv)
+    args.explicit = sorted(k for k in set().union(*CONFIGS.values()) if getattr(args, k) is not None)
+    if args.cfg is None:
+        args.cfg = 'e' if args.arch in (None, 'stylegan2') else args.arch
     for k, v in CONFIGS[args.cfg].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -136,14 +170,31 @@ class UserError(Exception):
 
 
 def check_args(args, world, device):
+    stylegan = args.arch == 'stylegan2'
+    if CONFIGS[args.cfg]['arch'] != args.arch:
+        raise UserError(f'--cfg {args.cfg} is a {CONFIGS[args.cfg]["arch"]} preset, not one for --arch {args.arch}; use '
+                        f'--cfg {" or ".join(k for k, v in CONFIGS.items() if v["arch"] == args.arch)}, or drop --cfg')
+    if not stylegan:
+        given = [k for k in STYLEGAN2_ONLY if k in args.explicit and getattr(args, k)]
+        given += [k for k, on in (('cond', args.cond), ('mbstd_layout', args.mbstd_layout != 'contiguous'),
+                                  ('sel_placement', args.sel_placement != 'paper'), ('ref_attn_eq', args.ref_attn_eq != 8),
+                                  ('pl_interval', args.pl_interval != 4)) if on]
+        if given:
+            raise UserError(f'--{given[0].replace("_", "-")} applies to --arch stylegan2 only (this run: --arch {args.arch}, '
+                            f'which has no mapping network, noise, minibatch-std or labels); drop it')
+        if args.metrics and any(m.startswith('ppl') for m in args.metrics.split(',')):
+            raise UserError(f'--metrics ppl measures paths in W, which --arch {args.arch} has not; drop it')
     for flag, value, low in [('--batch', args.batch, 1), ('--mbstd-group', args.mbstd_group, 1), ('--z-dim', args.z_dim, 1),
                              ('--w-dim', args.w_dim, 1), ('--r1-interval', args.r1_interval, 1),
                              ('--pl-interval', args.pl_interval, 1), ('--align-interval', args.align_interval, 1),
-                             ('--keep', args.keep, 1), ('--workers', args.workers, 0), ('--seed', args.seed, 0)]:
-        if value < low:
+                             ('--n-dis', args.n_dis, 1), ('--keep', args.keep, 1), ('--workers', args.workers, 0),
+                             ('--seed', args.seed, 0)]:
+        if value is not None and value < low:
             raise UserError(f'{flag} {value} must be at least {low}')
     if not args.lr > 0:
         raise UserError(f'--lr {args.lr:g} must be positive')
+    if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
+        raise UserError(f'--beta1 {args.beta1:g} and --beta2 {args.beta2:g} must lie in [0, 1)')
     if not args.kimg > 0:
         raise UserError(f'--kimg {args.kimg:g} must be positive (the length of the run in thousands of images)')
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -151,7 +202,7 @@ def check_args(args, world, device):
     if args.batch % world:
         raise UserError(f'--batch {args.batch} is not divisible by the {world} processes; use a multiple of {world}')
     b = args.batch // world
-    if b % min(args.mbstd_group, b):
+    if stylegan and b % min(args.mbstd_group, b):
         raise UserError(f'per-process batch {b} is not a multiple of --mbstd-group {args.mbstd_group}; change one of them')
     for name in args.metrics.split(','):
         if name not in ('', 'none'):
@@ -161,11 +212,13 @@ def check_args(args, world, device):
                 raise UserError(f'--metrics: {e}') from None
     # A flag changed from its default in a run where it does nothing is a mistake to point out: the
     # user would believe they measured its effect. (Preset flags are not listed: presets fill them.)
+    # StyleGAN2's lazy intervals always act (they scale Adam, as in the official code); elsewhere only with R1.
     aligning = args.sel != 'none' and not args.no_align and args.align_weight > 0
     default = make_parser().get_default
     for key, active, needs in [
             ('heatmap', args.sel != 'none', '--sel norm (or concat/flatten)'),
             ('no_align', args.sel != 'none', '--sel norm (or concat/flatten)'),
+            ('sel_placement', args.sel in ('norm', 'concat'), '--sel norm or concat'),
             ('align_weight', args.sel != 'none' and not args.no_align, '--sel norm (or concat/flatten) without --no-align'),
             *((k, aligning, 'the alignment loss (--sel without --no-align, --align-weight > 0)')
               for k in ('align_tau', 'align_truncation', 'cam_weights', 'align_interval')),
@@ -174,8 +227,7 @@ def check_args(args, world, device):
             ('g_attn_res', args.g_attn != 'none', '--g-attn san (or sagan/dfn/vt)'),
             ('d_attn_res', args.d_attn != 'none', '--d-attn self (or ref)'),
             ('ref_attn_eq', args.d_attn == 'ref', '--d-attn ref'),
-            ('r1_interval', args.gamma > 0, 'a positive --gamma'),
-            ('pl_interval', args.pl_weight > 0, 'a positive --pl-weight'),
+            ('r1_interval', stylegan or args.gamma > 0, 'a positive --gamma'),
             ('num_gen', args.metrics not in ('', 'none'), '--metrics')]:
         if getattr(args, key) != default(key) and not active:
             raise UserError(f'--{key.replace("_", "-")} does nothing without {needs}; add that or drop the flag')
@@ -308,7 +360,10 @@ def load_resume(path, args, device):
         ckpt = model.read_checkpoint(path, device)
     except ValueError as e:
         raise UserError(str(e)) from None
-    diff = _differing([k for k in model.ARCH_KEYS if k != 'conv_clamp'], ckpt['args'], args)  # --amp may change
+    if 'opt_G' not in ckpt:
+        raise UserError(f'{path} holds networks only (a conversion or an official pickle): start a new run from it '
+                        f'with --init {path} in another --out')
+    diff = _differing([k for k in model.ARCH_KEYS if k != 'conv_clamp'], {**model.ARCH_DEFAULTS, **ckpt['args']}, args)  # --amp may change
     if diff:
         raise UserError(f'checkpoint {path} has another architecture: {"; ".join(diff)}; rerun with its flags'
                         + (' or use another --out' if args.resume == 'auto' else ''))
@@ -323,14 +378,55 @@ def load_resume(path, args, device):
     return ckpt
 
 
+INIT_KEYS = ('arch', 'resolution', 'z_dim', 'w_dim', 'channel_base', 'channel_max', 'map_layers', 'mbstd_group')
+
+
+def init_from(args):
+    """--init PATH: the networks a run fine-tunes from (an official pickle or a checkpoint of ours). Their
+    architecture flags (INIT_KEYS) replace the preset's; one given on the command line must agree.
+    Returns the checkpoint dict, or None without --init."""
+    if not args.init:
+        return None
+    try:
+        ckpt = model.read_checkpoint(args.init)
+    except ValueError as e:
+        raise UserError(f'--init: {e}') from None
+    saved = {**model.ARCH_DEFAULTS, **ckpt['args']}
+    for k in INIT_KEYS:
+        if k in args.explicit and getattr(args, k) != saved[k]:
+            raise UserError(f'--init {args.init} has --{k.replace("_", "-")} {saved[k]}, this run asks for '
+                            f'{getattr(args, k)}: drop the flag (the architecture comes from --init)')
+        setattr(args, k, saved[k])
+    if bool(saved['c_dim']) != args.cond:
+        raise UserError(f'--init {args.init} is ' + (f'class-conditional ({saved["c_dim"]} classes): add --cond'
+                                                     if saved['c_dim'] else 'unconditional: drop --cond'))
+    return ckpt
+
+
+def load_init(net, state, what):
+    """Copy the tensors of `state` that `net` has (same name and shape); the rest of net keeps its fresh
+    initialisation (added SEL / attention layers). Returns a one-line summary."""
+    own = net.state_dict()
+    wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if wrong:
+        raise UserError(f'--init: {what}.{wrong[0]} is {tuple(state[wrong[0]].shape)} there and {tuple(own[wrong[0]].shape)} '
+                        f'here; the architecture flags must match the networks of --init')
+    net.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}})
+    new = sorted(k for k in own.keys() - state.keys() if not k.endswith('resample_filter'))
+    unused = sorted(state.keys() - own.keys())
+    return (f'{what}: {len(own) - len(new)} tensors loaded' + (f', {len(new)} new ({new[0]}, ...)' if new else '')
+            + (f', {len(unused)} not used ({unused[0]}, ...: layers this run replaces)' if unused else ''))
+
+
 # ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        init = init_from(args)
         rank, world, device = init_distributed(args.device)
         check_args(args, world, device)
-        code = train(args, rank, world, device)
+        code = train(args, rank, world, device, init)
         if world > 1:  # leave together: a rank tearing gloo down while rank 0 still writes can abort
             dist.barrier()
     except (UserError, data.DataError) as e:
@@ -378,30 +474,43 @@ def stop_requests(rank, world):
             signal.signal(sig, h)
 
 
-def train(args, rank, world, device):
+def train(args, rank, world, device, init=None):
     if device.type == 'cpu':
         keep_freed_memory()
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     bench = args.bench_steps > 0
     B, b = args.batch, args.batch // world
-    dataset = data.make_dataset(None if bench else args.data, args.resolution, args.max_images, args.seed, args.skip_bad)
+    stylegan = args.arch == 'stylegan2'
+    dataset = data.make_dataset(None if bench else args.data, args.resolution, args.max_images, args.seed, args.skip_bad,
+                                labels=args.cond)
     if args.warmup_kimg is None:  # thesis Sec. 2.4: "about 20 epochs"
         args.warmup_kimg = 20 * len(dataset) / 1000
+    args.c_dim = dataset.num_classes if args.cond else 0
+    if init and init['args']['c_dim'] != args.c_dim:
+        raise UserError(f'--init {args.init} has {init["args"]["c_dim"]} classes, the data {args.c_dim}; '
+                        f'fine-tune on data with the same classes')
 
     # Networks, optimisers (lazy regularisation: lr * c, betas ** c, c = I / (I + 1)), EMA copy.
-    args.conv_clamp = 256 if args.amp != 'none' else None
+    args.conv_clamp = init['args']['conv_clamp'] if init else 256 if args.amp != 'none' and stylegan else None
     torch.manual_seed(args.seed)  # the same initial weights on every process
     try:
         G, D = model.build_networks(vars(args))
     except ValueError as e:  # an impossible architecture flag, e.g. --g-attn-res 12
         raise UserError(str(e)) from None
-    G, D = G.to(device), D.to(device)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    resume = None if bench else resolve_resume(args)
+    if init and not resume:
+        for net, key in [(G, 'G'), (D, 'D'), (G_ema, 'G_ema')]:
+            print0(f'init from {args.init}: ' + load_init(net, init[key], key), rank=rank)
+    del init
+    G, D, G_ema = G.to(device), D.to(device), G_ema.to(device)
     if args.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    c_G = args.pl_interval / (args.pl_interval + 1) if args.pl_weight > 0 else 1
-    c_D = args.r1_interval / (args.r1_interval + 1) if args.gamma > 0 else 1
+    # The official code sets both lazy intervals always, so its G runs at lr x 4/5 even without path
+    # length (e.g. EqGAN-SA's --pl_w=0); the SN backbones are lazy only where R1 is on.
+    c_G = args.pl_interval / (args.pl_interval + 1) if stylegan else 1
+    c_D = args.r1_interval / (args.r1_interval + 1) if stylegan or args.gamma > 0 else 1
     opt_G = torch.optim.Adam(G.parameters(), eps=1e-8)  # lr and betas: set below, after a resume too
     opt_D = torch.optim.Adam(D.parameters(), eps=1e-8)
     scaler_G = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
@@ -409,12 +518,11 @@ def train(args, rank, world, device):
     pl_mean = torch.zeros([], device=device)
     step = nimg = 0
 
-    resume = None if bench else resolve_resume(args)
     if resume:
         ckpt = load_resume(resume, args, device)
         try:
             for net, key in [(G, 'G'), (D, 'D'), (G_ema, 'G_ema')]:
-                net.load_state_dict(ckpt[key])
+                model.load_weights(net, ckpt[key])
             opt_G.load_state_dict(ckpt['opt_G'])
             opt_D.load_state_dict(ckpt['opt_D'])
             for scaler, key in [(scaler_G, 'scaler_G'), (scaler_D, 'scaler_D')]:
@@ -429,11 +537,11 @@ def train(args, rank, world, device):
         del ckpt
     for opt, c in ((opt_G, c_G), (opt_D, c_D)):  # lazy regularisation; after a resume the flags win (e.g. a lower --lr)
         for group in opt.param_groups:
-            group.update(lr=args.lr * c, betas=(0.0, 0.99 ** c))
+            group.update(lr=args.lr * c, betas=(args.beta1 ** c, args.beta2 ** c))
     G_main = torch.compile(G) if args.compile else G  # double-backward phases use the eager modules
     D_main = torch.compile(D) if args.compile else D
 
-    loader = data.InfiniteLoader(dataset, b, rank, world, args.seed, nimg, args.mirror, args.workers, device)
+    loader = data.InfiniteLoader(dataset, b, rank, world, args.seed, nimg, args.mirror, args.workers, device, args.cond)
     ref_loader = (data.InfiniteLoader(dataset, b, rank, world, args.seed + 1, nimg, args.mirror, args.workers, device)
                   if D.needs_ref else None)  # references: real, independent of the primary batch
     amp = (torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16)
@@ -446,7 +554,7 @@ def train(args, rank, world, device):
         os.makedirs(args.out, exist_ok=True)
         print(f'{len(dataset)} images ({dataset.name}) at {args.resolution}px; G {count(G) / 1e6:.2f}M, '
               f'D {count(D) / 1e6:.2f}M parameters; {world} process(es) on {device}; batch {B}', flush=True)
-        grid_z, grid_h = grid_latents(G, args, device)
+        grid_z, grid_h, grid_c = grid_latents(G, args, device)
         data.save_grid(torch.stack([dataset[i] for i in range(min(len(dataset), grid_z.shape[0]))]),
                        os.path.join(args.out, 'reals.png'))
 
@@ -459,14 +567,24 @@ def train(args, rank, world, device):
     def draw(gen, *tail, total=B):
         return mine(torch.randn([total, *tail], generator=gen, device=device))
 
-    def latents(gen, total=B):
-        z, z2 = draw(gen, G.z_dim, total=total), draw(gen, G.z_dim, total=total)
-        cut = torch.randint(1, G.num_ws, [], generator=gen, device=device)
-        cut = torch.where(torch.rand([], generator=gen, device=device) < args.style_mix, cut, G.num_ws)
-        noise = [draw(gen, 1, r, r, total=total) for r in G.noise_res]
+    label_pool = torch.as_tensor(dataset.labels, device=device) if args.cond else None  # the real label distribution
+    one_hot = lambda labels: F.one_hot(labels, args.c_dim).float()
+
+    def latents(gen, total=B):  # G's inputs; generated labels as the official code: those of random real images
+        lat = dict(z=draw(gen, G.z_dim, total=total))
+        if stylegan:
+            z2 = draw(gen, G.z_dim, total=total)
+            cut = torch.randint(1, G.num_ws, [], generator=gen, device=device)
+            cut = torch.where(torch.rand([], generator=gen, device=device) < args.style_mix, cut, G.num_ws)
+            noise = [draw(gen, 1, r, r, total=total) for r in G.noise_res]
+            lat.update(mix_z=z2 if args.style_mix > 0 else None, mix_cutoff=cut, noise=noise)
         heat = G.sample_heatmaps(total, device, gen) if G.uses_heatmaps else None
-        heat = None if heat is None else {k: mine(v) for k, v in heat.items()}
-        return dict(z=z, mix_z=z2 if args.style_mix > 0 else None, mix_cutoff=cut, noise=noise, heatmaps=heat)
+        lat['heatmaps'] = None if heat is None else {k: mine(v) for k, v in heat.items()}
+        if args.cond:
+            lat['c'] = mine(one_hot(label_pool[torch.randint(len(label_pool), [total], generator=gen, device=device)]))
+        return lat
+
+    w_avg = dict(update_w_avg=True) if stylegan else {}  # as the official code: every phase that runs the mapping
 
     stats, extremes = {}, {}  # name -> [sum, count], accumulated on the device: no host sync per step
 
@@ -474,9 +592,10 @@ def train(args, rank, world, device):
         s = stats.setdefault(name, [0, 0])
         s[0], s[1] = s[0] + value.detach().float(), s[1] + 1
 
-    def train_step(step, real_u8, ref_u8):
+    def train_step(step, batch, ref_u8):  # batch: the loader's images (and labels, with --cond)
         gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
-        real = to_float(real_u8)
+        real_u8, real_labels = batch if args.cond else (batch, None)
+        real, c_real = to_float(real_u8), (one_hot(real_labels) if args.cond else None)
         ref = to_float(ref_u8) if ref_u8 is not None else None
         kind = 'nonsat' if args.loss == 'contrastive' and nimg < args.warmup_kimg * 1000 else args.loss
         timings = {}
@@ -492,31 +611,33 @@ def train(args, rank, world, device):
             D.requires_grad_(net is D)
             opt.zero_grad(set_to_none=True)
 
+        g_step, g_index = step % args.n_dis == 0, step // args.n_dis  # G trains every n_dis-th step
         # Gmain: adversarial loss (+ EqGAN-SA alignment, Eq. 4)
-        begin('Gmain', G, opt_G)
-        lat = latents(gen)
-        align_now = align and step % args.align_interval == 0
-        with amp:
-            fake = G_main(**lat, update_w_avg=True)
-            if align_now:  # one D pass for both losses; the eager D: GradCAM's double backward (graph)
-                fake_logits, maps = D(fake, ref, return_maps=True)
-            else:
-                fake_logits = D_main(fake, ref)
-            real_logits = D_main(real, ref).detach() if kind == 'contrastive' else None
-            loss = losses.g_loss(kind, fake_logits, real_logits, args.g_form)
-        record('G/loss', loss)
-        if align_now:  # EqGAN-SA Eq. 4
-            l_align = losses.align_loss(fake_logits, maps, lat['heatmaps'], args.align_tau, args.align_truncation,
-                                        args.cam_weights)
-            record('G/align', l_align)
-            loss = loss + args.align_weight * args.align_interval * l_align
-        phase_step(G, opt_G, scaler_G, loss, world)
+        if g_step:
+            begin('Gmain', G, opt_G)
+            lat = latents(gen)
+            align_now = align and g_index % args.align_interval == 0
+            with amp:
+                fake = G_main(**lat, **w_avg)
+                if align_now:  # one D pass for both losses; the eager D: GradCAM's double backward (graph)
+                    fake_logits, maps = D(fake, ref, return_maps=True, c=lat.get('c'))
+                else:
+                    fake_logits = D_main(fake, ref, c=lat.get('c'))
+                real_logits = D_main(real, ref, c=c_real).detach() if kind == 'contrastive' else None
+                loss = losses.g_loss(kind, fake_logits, real_logits, args.g_form)
+            record('G/loss', loss)
+            if align_now:  # EqGAN-SA Eq. 4
+                l_align = losses.align_loss(fake_logits, maps, lat['heatmaps'], args.align_tau, args.align_truncation,
+                                            args.cam_weights)
+                record('G/align', l_align)
+                loss = loss + args.align_weight * args.align_interval * l_align
+            phase_step(G, opt_G, scaler_G, loss, world)
 
-        # Greg: path length on half the batch, every pl_interval steps, weight x interval
-        if args.pl_weight > 0 and step % args.pl_interval == 0:
+        # Greg: path length on half the batch, every pl_interval G steps, weight x interval
+        if g_step and args.pl_weight > 0 and g_index % args.pl_interval == 0:
             begin('Greg', G, opt_G)
             half = max(world, B // 2)  # batch shrink 2, over the global batch
-            img, ws = G(**latents(gen, half), return_ws=True)
+            img, ws = G(**latents(gen, half), return_ws=True, **w_avg)
             pl = losses.path_length_penalty(img, ws, pl_mean, noise=draw(gen, 3, *img.shape[2:], total=half)).mean()
             record('G/pl', pl)
             phase_step(G, opt_G, scaler_G, pl * args.pl_weight * args.pl_interval, world)
@@ -526,14 +647,15 @@ def train(args, rank, world, device):
         lat = latents(gen)
         with amp:
             with torch.no_grad():
-                fake = G_main(**lat)
+                fake = G_main(**lat, **w_avg)
             if D.needs_ref and b % args.mbstd_group == 0:  # one pass of the references for both (same mbstd groups)
-                fake_logits, real_logits = D_main(torch.cat([fake, real]), ref).chunk(2)
+                both = torch.cat([lat['c'], c_real]) if args.cond else None
+                fake_logits, real_logits = D_main(torch.cat([fake, real]), ref, c=both).chunk(2)
             else:
-                fake_logits, real_logits = D_main(fake, ref), D_main(real, ref)
+                fake_logits, real_logits = D_main(fake, ref, c=lat.get('c')), D_main(real, ref, c=c_real)
             loss = losses.d_loss(kind, real_logits, fake_logits)
         if kind == 'wgan':
-            gp = losses.wgan_gp(D, real, fake, ref, mine(torch.rand([B, 1, 1, 1], generator=gen, device=device))).mean()
+            gp = losses.wgan_gp(D, real, fake, ref, mine(torch.rand([B, 1, 1, 1], generator=gen, device=device)), c_real).mean()
             record('D/gp', gp)
             loss = loss + 10 * gp
         record('D/loss', loss)
@@ -549,7 +671,7 @@ def train(args, rank, world, device):
         if args.gamma > 0 and step % args.r1_interval == 0:
             begin('Dreg', D, opt_D)
             real_ = real.detach().requires_grad_(True)
-            r1 = losses.r1_penalty(real_, D(real_, ref)).mean()
+            r1 = losses.r1_penalty(real_, D(real_, ref, c=c_real)).mean()
             record('D/r1', r1)
             phase_step(D, opt_D, scaler_D, r1 * (args.gamma / 2) * args.r1_interval, world)
 
@@ -633,7 +755,7 @@ def train(args, rank, world, device):
 
     def save():  # image grid and checkpoint of this step
         snapshot(args, rank, world, device, step, nimg, finite(), G_ema, lambda: checkpoint(step, nimg),
-                 grid_z if rank == 0 else None, grid_h if rank == 0 else None)
+                 *((grid_z, grid_h, grid_c) if rank == 0 else (None, None, None)))
 
     t_log = t_start = time.time()
     n_log, saved = nimg, step
@@ -651,13 +773,13 @@ def train(args, rank, world, device):
                 print0(f'stopped at kimg {nimg / 1000:.2f} with a checkpoint; the same command resumes', rank=rank)
                 return 128 + (stop[0][0] if stop else signal.SIGTERM)  # the shell's code for "ended by a signal"
             try:
-                real_u8 = next(loader)
+                batch = next(loader)
                 ref_u8 = next(ref_loader) if ref_loader is not None else None
             except data.DataError:  # e.g. a truncated image: keep the steps since the last snapshot
                 if step > saved and finite():
                     checkpoint(step, nimg)
                 raise
-            train_step(step, real_u8, ref_u8)
+            train_step(step, batch, ref_u8)
             step += 1
             nimg += B
             done = nimg >= total
@@ -703,7 +825,7 @@ def trim_log(path, step):
     return [record for _, record in keep]
 
 
-def snapshot(args, rank, world, device, step, nimg, finite, G_ema, checkpoint, grid_z, grid_h):
+def snapshot(args, rank, world, device, step, nimg, finite, G_ema, checkpoint, grid_z, grid_h, grid_c):
     """Image grid (EMA G, fixed latents) and checkpoint; refuses to save when G's or D's weights are
     not all `finite` on every process (G_ema follows G)."""
     ok = torch.tensor(float(finite), device=device)
@@ -713,25 +835,28 @@ def snapshot(args, rank, world, device, step, nimg, finite, G_ema, checkpoint, g
         raise UserError(f'G or D weights became non-finite at kimg {nimg / 1000:.2f}; {last_good(args)}')
     if rank != 0:
         return
-    data.save_grid(generate_images(G_ema, grid_z, grid_h, args.batch), os.path.join(args.out, f'fakes-{step:07d}.png'))
+    data.save_grid(generate_images(G_ema, grid_z, grid_h, args.batch, grid_c), os.path.join(args.out, f'fakes-{step:07d}.png'),
+                   8 if args.cond else None)
     checkpoint()
 
 
 def grid_latents(G, args, device):
-    n = 32 if args.resolution <= 128 else 16
+    """The snapshots' fixed latents (and heatmaps); class-conditional: one row of 8 per class (the first 16)."""
+    n = 8 * min(args.c_dim, 16) if args.cond else 32 if args.resolution <= 128 else 16
     gen = torch.Generator().manual_seed(args.seed)
     z = torch.randn(n, G.z_dim, generator=gen)
     h = G.sample_heatmaps(n, 'cpu', gen)
-    return z.to(device), (None if h is None else {k: v.to(device) for k, v in h.items()})
+    c = F.one_hot(torch.arange(n) // 8, args.c_dim).float().to(device) if args.cond else None
+    return z.to(device), (None if h is None else {k: v.to(device) for k, v in h.items()}), c
 
 
 @torch.no_grad()
-def generate_images(G, z, heatmaps, batch):
-    """uint8 images [N, 3, H, W] from G (const noise), in chunks of `batch`."""
+def generate_images(G, z, heatmaps, batch, c=None):
+    """uint8 images [N, 3, H, W] from G (const noise; labels c [N, c_dim] if conditional), in chunks of `batch`."""
     out = []
     for i in range(0, z.shape[0], batch):
         h = None if heatmaps is None else {k: v[i:i + batch] for k, v in heatmaps.items()}
-        out.append(G(z[i:i + batch], noise_mode='const', heatmaps=h))
+        out.append(G(z[i:i + batch], noise_mode='const', heatmaps=h, **({} if c is None else {'c': c[i:i + batch]})))
     return model.to_uint8(torch.cat(out))
 
 
