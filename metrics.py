@@ -437,11 +437,13 @@ def _fork_rng(device):  # seeding per chunk must not change the caller's RNG str
 # PPL (Karras et al. 2019, Eq. 4; StyleGAN2's W-space end-point protocol): d(g(w0), g(lerp(w0, w1, eps))) / eps^2
 # for t = 0, eps = 1e-4, in full precision, then the mean without the 1% and 99% tails.
 def perceptual_path_length(G, num, distance, batch=64, device='cpu', seed=0, epsilon=1e-4, crop=False,
-                           rank=0, world_size=1, log=print):
+                           rank=0, world_size=1, log=print, labels=None):
+    """labels: for a class-conditional G, the real labels [N] both end points of a pair draw theirs from."""
     def chunk(c):
         torch.manual_seed(_seed(seed, 5, c))
         heatmaps = G.sample_heatmaps(batch, device)  # one layout for both end points (None without spatial encoding)
-        w0, w1 = (G.map(z, psi=1.0, heatmaps=heatmaps) for z in torch.randn(2, batch, G.z_dim, device=device))
+        cls = _draw_labels(labels, G, batch, _seed(seed, 6, c), device)  # one label for both end points
+        w0, w1 = (G.map(z, psi=1.0, heatmaps=heatmaps, **_label_kw(cls)) for z in torch.randn(2, batch, G.z_dim, device=device))
         img0, img1 = (G.synthesize(w, noise_mode='const', heatmaps=heatmaps).float() for w in (w0, w0.lerp(w1, epsilon)))
         if crop:  # StyleGAN's FFHQ face crop
             s = img0.shape[2] // 8
@@ -459,10 +461,10 @@ def perceptual_path_length(G, num, distance, batch=64, device='cpu', seed=0, eps
 # handled by rank c % world_size; all_gather puts the results back in chunk order, so every rank ends up with
 # the same arrays whatever world_size is, and computes the same numbers from them.
 
-_DEFAULT_NUM = dict(fid=50000, kid=50000, pr=50000, swd=16384, fddf=50000, di=12800, ppl=50000)  # di: 200 draws x 64
+_DEFAULT_NUM = dict(fid=50000, kid=50000, pr=50000, swd=16384, fddf=50000, di=12800, ppl=50000, ppl_crop=50000)  # di: 200 draws x 64
 _FULL_CAP = dict(kid=1000000, pr=200000)  # StyleGAN2's caps on 'all real images'
-_NAME = re.compile(r'(?P<kind>fid|kid|pr|swd|fddf|di)(?P<num>\d+)?(?P<k>k)?(?P<nhood>(?<=k)3)?(?P<full>_full)?|ppl_wend')
-_INCEPTION = ('fid', 'kid', 'pr', 'ppl')
+_NAME = re.compile(r'(?P<kind>fid|kid|pr|swd|fddf|di)(?P<num>\d+)?(?P<k>k)?(?P<nhood>(?<=k)3)?(?P<full>_full)?|ppl(?P<ppl2>2?)_wend')
+_INCEPTION = ('fid', 'kid', 'pr', 'ppl', 'ppl_crop')
 _SOURCE = dict(fid='inc', kid='inc', pr='inc', swd='swd', di='d', fddf='d')  # which features each metric uses
 _REAL_CACHE = {}  # real Inception features of this process, by cache key
 _NETS = {}  # (weights, device) -> FIDInception or its MetricUnavailable
@@ -472,13 +474,26 @@ def _parse(name, num_gen, n_data):  # -> (kind, generated count, real count)
     m = _NAME.fullmatch(name)
     if not m or (m['nhood'] and m['kind'] != 'pr'):
         raise ValueError(f'unknown metric {name!r}: use fid50k_full, fid10k, fid2000, kid50k_full, pr50k3_full, '
-                         'ppl_wend, swd, di, fddf (counts like 10k in the name, _full = all real images)')
-    kind = m['kind'] or 'ppl'
+                         'ppl2_wend, ppl_wend, swd, di, fddf (counts like 10k in the name, _full = all real images)')
+    kind = m['kind'] or ('ppl' if m['ppl2'] else 'ppl_crop')  # stylegan2-ada: ppl2_wend uncropped, ppl_wend cropped
     n = num_gen or (int(m['num']) * (1000 if m['k'] else 1) if m['num'] else _DEFAULT_NUM[kind])
-    if kind == 'ppl':
+    if kind.startswith('ppl'):
         return kind, n, 0
     n_real = min(n_data, _FULL_CAP.get(kind, n_data)) if m['full'] else min(n, n_data)
     return kind, (n_real if kind == 'swd' else n), n_real
+
+
+def _draw_labels(labels, G, n, seed, device):
+    """One-hot labels [n, c_dim] of n random real images (the official protocol for generated images),
+    or None for an unconditional G."""
+    if not getattr(G, 'c_dim', 0):
+        return None
+    idx = torch.randint(len(labels), (n,), generator=torch.Generator().manual_seed(seed))
+    return F.one_hot(torch.as_tensor(labels)[idx], G.c_dim).float().to(device)
+
+
+def _label_kw(cls):  # networks without labels take no c argument
+    return {} if cls is None else {'c': cls}
 
 
 def _seed(seed, stream, chunk):  # independent, reproducible seed per (run seed, use, chunk)
@@ -549,7 +564,7 @@ def _autocast(device, amp):  # G and D in the precision they trained in: fp32 un
 
 def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_gen=None, fid_weights=None,
              cache_dir=None, protocol='stylegan2', seed=0, amp='none', log=print, worker_init_fn=None):
-    """{metric name: float or dict} for names like fid50k_full, kid50k_full, pr50k3_full, ppl_wend, swd, di, fddf;
+    """{metric name: float or dict} for names like fid50k_full, kid50k_full, pr50k3_full, ppl2_wend, swd, di, fddf;
     the same on every rank. G: G_ema (G(z) -> [B, 3, H, W] in [-1, 1]); D: the plain (not DDP-wrapped) discriminator;
     dataset: uint8 [3, H, W] items. num_gen overrides the counts in the names. amp: 'none' (fp32), 'bf16' or 'fp16'
     autocast of G and D (train.py passes its --amp). Metrics that cannot run (no Inception weights) are logged in
@@ -572,14 +587,14 @@ def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_g
             return max([s[i] for s in specs.values() if _SOURCE.get(s[0]) == source], default=0)
 
         def d_features(stream):  # chunk -> [batch, 1 + F]: D's logit, then its last-layer features
-            def fn(inp, c):
+            def fn(inp, c):  # inp: (images in [-1, 1], uint8 images, one-hot labels or None)
                 ref = None
                 if D.needs_ref:  # reference images: real, drawn independently of the primary ones
                     g = torch.Generator().manual_seed(_seed(seed, stream, c))
                     idx = torch.randint(len(dataset), (batch,), generator=g).tolist()
                     ref = torch.stack([torch.as_tensor(dataset[i]) for i in idx]).to(device).float() / 127.5 - 1
                 with _autocast(device, amp):
-                    logits, feats = D(inp[0], ref=ref, return_features=True)
+                    logits, feats = D(inp[0], ref=ref, return_features=True, **_label_kw(inp[2]))
                 return torch.cat([logits.float()[:, None], feats.float().flatten(1)], 1).cpu()
             return fn
 
@@ -611,7 +626,11 @@ def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_g
 
         def reals(c):
             x8 = next(loader).to(device)                      # [B, 3, H, W] uint8
-            return x8.float() / 127.5 - 1, x8
+            cls = None
+            if getattr(G, 'c_dim', 0):                        # this chunk's labels: the same indices as the loader's
+                chunk = torch.as_tensor(dataset.labels[idx[(c // world_size) * batch:(c // world_size + 1) * batch]])
+                cls = F.one_hot(chunk, G.c_dim).float().to(device)
+            return x8.float() / 127.5 - 1, x8, cls
 
         real = _sharded(n, batch, rank, world_size, reals, consumers, log, 'real images')
         if 'inc' in real:
@@ -625,9 +644,10 @@ def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_g
         # Generated images: the same extractors on G(z), z and G's own noise/heatmaps seeded per chunk.
         def fakes(c):
             torch.manual_seed(_seed(seed, 0, c))
+            cls = _draw_labels(dataset.labels if getattr(G, 'c_dim', 0) else None, G, batch, _seed(seed, 6, c), device)
             with _autocast(device, amp):
-                x = G(torch.randn(batch, G.z_dim, device=device)).float()  # [B, 3, H, W] in [-1, 1]
-            return x, (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+                x = G(torch.randn(batch, G.z_dim, device=device), **_label_kw(cls)).float()  # [B, 3, H, W]
+            return x, (x * 127.5 + 128).clamp(0, 255).to(torch.uint8), cls
 
         consumers = extractors(most('inc', 1), most('swd', 1), most('d', 1), 3)
         n = max([nk for nk, _ in consumers.values()], default=0)
@@ -654,7 +674,8 @@ def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_g
                 v = fddf(r[:, 1:], f[:, 1:])
             else:
                 v = perceptual_path_length(G, n, inception_distance(inception, protocol), batch, device, seed,
-                                           rank=rank, world_size=world_size, log=log)
+                                           crop=kind == 'ppl_crop', rank=rank, world_size=world_size, log=log,
+                                           labels=dataset.labels if getattr(G, 'c_dim', 0) else None)
             results[name] = v
             shown = ', '.join(f'{k} {x:.4g}' for k, x in v.items()) if isinstance(v, dict) else f'{v:.4g}'
             counts = f'{n} generated' + (f' vs {n_real} real' if n_real else '')
@@ -730,7 +751,8 @@ def main():
     p.add_argument('--title', default='', help='--plot: title')
     p.add_argument('--out', default='curves.png', help='--plot: output PNG')
     p.add_argument('--metrics', default='fid50k_full',
-                   help='comma-separated: fid50k_full, fid10k, kid50k_full, pr50k3_full, ppl_wend, swd, di, fddf')
+                   help='comma-separated: fid50k_full, fid10k, kid50k_full, pr50k3_full, ppl2_wend (ppl_wend: with '
+                        "StyleGAN's face crop), swd, di, fddf")
     p.add_argument('--data', help='dataset folder or zip (default: the checkpoint\'s own --data)')
     p.add_argument('--max-images', type=int, help='real images: the first N of the dataset (default: the '
                    'checkpoint\'s own --max-images; e.g. 50000 scores a limited-data run against the whole built-in set)')
@@ -766,12 +788,14 @@ def main():
     amp = a.amp or args.get('amp', 'none')
     if amp == 'fp16' and not device.startswith('cuda'):
         p.error('--amp fp16 is for CUDA GPUs (emulated on the CPU, ~50x slower); pass --amp bf16 or none')
-    group, names = min(args['mbstd_group'], a.batch), a.metrics.split(',')
+    if 'data' not in args and not a.data:  # an official pickle or its conversion: no record of its training set
+        p.error(f'{a.ckpt} does not say which images it was trained on: pass --data with them')
+    group, names = min(args.get('mbstd_group') or 1, a.batch), a.metrics.split(',')
     if a.batch % group and any(_SOURCE.get(_parse(n, None, 1)[0]) == 'd' for n in names):
         p.error(f"--batch {a.batch} is not a multiple of this D's minibatch-std group {group} (di, fddf): use e.g. {16 * group}")
     dataset = data.make_dataset(a.data or args.get('data'), resolution=args['resolution'],
                                 max_images=a.max_images or (None if a.data else args.get('max_images')),
-                                seed=args.get('seed', 0), skip_bad=args.get('skip_bad', False))
+                                seed=args.get('seed', 0), skip_bad=args.get('skip_bad', False), labels=bool(args.get('c_dim')))
     results = evaluate(names, ckpt['G_ema'], ckpt['D'], dataset, device, rank, world_size, a.batch,
                        a.num_gen, a.fid_weights, a.cache_dir, a.protocol, a.seed, amp,
                        log=lambda s: print(s, file=sys.stderr))

@@ -1171,7 +1171,7 @@ def to_uint8(img):
     return (img * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu()
 
 
-def attention_maps(G, z, points, heatmaps=None):
+def attention_maps(G, z, points, heatmaps=None, c=None):
     """Thesis Fig. 2.5: for each image and point (x, y in [0, 1]), the norm over channels of SAN's
     per-position weight kernel w (s x s), drawn as a red overlay around the point. [N, 3, R, R]."""
     san = [m for m in G.modules() if isinstance(m, attention.SAN)]
@@ -1179,7 +1179,7 @@ def attention_maps(G, z, points, heatmaps=None):
         raise ValueError('this generator has no SAN layer: train with --g-attn san to draw attention maps')
     seen = {}
     hook = san[0].register_forward_hook(lambda m, inp, out: seen.update(w=m.forward(inp[0], return_weights=True)[1]))
-    img = G(z, noise_mode='const', heatmaps=heatmaps)
+    img = G(z, noise_mode='const', heatmaps=heatmaps, c=c)
     hook.remove()
     w = seen['w'].float()  # [N, groups, s*s, h, w]
     N, _, ss, h, wd = w.shape
@@ -1200,13 +1200,17 @@ def attention_maps(G, z, points, heatmaps=None):
 
 @torch.no_grad()
 def main(argv=None):
-    p = argparse.ArgumentParser(description='Parameter counts (no CKPT), or samples / edits / attention maps from a checkpoint.')
-    p.add_argument('ckpt', nargs='*', help='checkpoint written by train.py (ckpt-*.pt); several: one row of the '
-                   'same seeds each (compare runs)')
+    p = argparse.ArgumentParser(description='Parameter counts (no CKPT), or samples / edits / attention maps from a '
+                                            'checkpoint or an official network pickle, or --convert a pickle.')
+    p.add_argument('ckpt', nargs='*', help='ckpt-*.pt written by train.py, or a stylegan2-ada network-snapshot-*.pkl '
+                   '(read safely); several: one row of the same seeds each (compare runs)')
     p.add_argument('--seeds', default='0-15', type=parse_seeds, help="latent seeds, e.g. '0-15' or '1,5,9'")
+    p.add_argument('--class', dest='cls', type=int, help='class-conditional networks: the class to draw')
     p.add_argument('--trunc', type=float, default=1.0, help='truncation psi (1 = none)')
     p.add_argument('--trunc-cutoff', type=int, help='truncate only the first N ws')
     p.add_argument('--out', default='samples.png', help='output PNG')
+    p.add_argument('--convert', metavar='OUT_PT', help="write the networks as this project's checkpoint (G, D, G_ema, args) "
+                   'for metrics.py, model.py and train.py --init')
     p.add_argument('--zoom', type=int, default=1, help='enlarge the PNG N times (nearest neighbour), for small images')
     p.add_argument('--heatmap-centers', type=lambda s: parse_xy(s, inside=True),
                    help="EqGAN-SA editing: level-0 heatmap centre 'x,y' in [0, 1] (default: sampled)")
@@ -1225,6 +1229,15 @@ def main(argv=None):
         for name, g, d, gf, df in complexity_table(a.resolution, a.channel_base):
             print(f'{name:18s} {g:8.2f}M {d:8.2f}M {g + d:7.2f}M {gf:9.2f} {df:9.2f}')
         return
+    if a.convert:
+        if len(a.ckpt) > 1:
+            raise SystemExit('error: --convert takes one network pickle')
+        ckpt = read_checkpoint(a.ckpt[0])
+        save = {k: ckpt[k] for k in ('G', 'D', 'G_ema', 'args', 'step', 'nimg')}
+        torch.save(save, a.convert + '.tmp')
+        os.replace(a.convert + '.tmp', a.convert)  # never a half-written file
+        print(f'wrote {a.convert} (networks only: train.py --init {a.convert} fine-tunes from it)')
+        return
     plain = not (a.move or a.heatmap_centers or a.attn_maps)
     if len(a.ckpt) > 1 and not plain:
         raise SystemExit('error: --move, --heatmap-centers and --attn-maps take one checkpoint; several only sample')
@@ -1234,11 +1247,22 @@ def main(argv=None):
     dev, seeds, rows = torch.device(a.device), a.seeds, []
     for path in a.ckpt:
         G = load_checkpoint(path, dev)['G_ema']
+        c_dim = getattr(G, 'c_dim', 0)
+        if c_dim and not (a.cls is not None and 0 <= a.cls < c_dim):
+            raise SystemExit(f'error: {path} is class-conditional: pass --class K with K in [0, {c_dim - 1}]')
+        if a.cls is not None and not c_dim:
+            raise SystemExit(f'error: {path} is unconditional: drop --class')
+        stylegan = isinstance(G, Generator)
+        if not stylegan and (a.trunc != 1 or a.trunc_cutoff is not None):
+            raise SystemExit(f'error: --trunc needs a mapping network; {path} is an --arch {G.arch} generator')
+        kw = dict(psi=a.trunc, cutoff=a.trunc_cutoff, noise_mode='const') if stylegan else dict(noise_mode='const')
         z = torch.stack([torch.randn(G.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(dev)
+        if c_dim:
+            kw['c'] = F.one_hot(torch.full([len(seeds)], a.cls), c_dim).float().to(dev)
         hs = [G.sample_heatmaps(1, dev, torch.Generator(dev).manual_seed(s)) for s in seeds] if G.uses_heatmaps else None
         heat = {k: torch.cat([h[k] for h in hs]) for k in hs[0]} if hs else None
         if plain:
-            rows.append(to_uint8(G(z, psi=a.trunc, cutoff=a.trunc_cutoff, noise_mode='const', heatmaps=heat)))
+            rows.append(to_uint8(G(z, heatmaps=heat, **kw)))
     if a.move or a.heatmap_centers:
         if not G.uses_heatmaps:
             raise SystemExit('error: this generator has no heatmap input: train with --sel norm to edit by heatmaps')
@@ -1250,11 +1274,11 @@ def main(argv=None):
         cols = []
         for t in torch.linspace(0, 1, a.steps if a.move else 1).tolist():
             h = G.spatial.render(G.spatial.shift(centers, t * dx, t * dy))
-            cols.append(to_uint8(G(z, psi=a.trunc, cutoff=a.trunc_cutoff, noise_mode='const', heatmaps=h)))
+            cols.append(to_uint8(G(z, heatmaps=h, **kw)))
         imgs = torch.stack(cols, 1).flatten(0, 1)  # rows: seeds, columns: heatmap positions
         data.save_grid(imgs, a.out, len(cols), a.zoom)
     elif a.attn_maps:
-        data.save_grid(attention_maps(G, z, a.points, heat), a.out, min(len(seeds), 8), a.zoom)
+        data.save_grid(attention_maps(G, z, a.points, heat, kw.get('c')), a.out, min(len(seeds), 8), a.zoom)
     elif len({r.shape[-1] for r in rows}) > 1:
         raise SystemExit('error: these checkpoints make images of different sizes; compare runs of one --resolution')
     else:  # one checkpoint: rows of 8; several: one row each

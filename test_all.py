@@ -2087,7 +2087,7 @@ def test_cli_prints_one_json_line(monkeypatch, capsys):
     G, D = _met_nets()
     seen = {}
 
-    def make_dataset(path=None, resolution=None, max_images=None, seed=0, skip_bad=False):
+    def make_dataset(path=None, resolution=None, max_images=None, seed=0, skip_bad=False, labels=False):
         seen.update(path=path, resolution=resolution, max_images=max_images, seed=seed, skip_bad=skip_bad)
         return TinyData()
 
@@ -2135,7 +2135,8 @@ def test_metric_names():
     assert metrics._parse('pr50k3', None, 70000) == ('pr', 50000, 50000)
     assert metrics._parse('fid2000', 100, 70000) == ('fid', 100, 100)
     assert metrics._parse('swd', None, 1000) == ('swd', 1000, 1000)
-    assert metrics._parse('ppl_wend', None, 10) == ('ppl', 50000, 0)
+    assert metrics._parse('ppl2_wend', None, 10) == ('ppl', 50000, 0)  # stylegan2-ada's names: ppl2 uncropped
+    assert metrics._parse('ppl_wend', None, 10) == ('ppl_crop', 50000, 0)  # with the face crop
     with pytest.raises(ValueError):
         metrics._parse('fid50k3', None, 10)
 
