@@ -774,13 +774,16 @@ def build_networks(a):
     return G, D
 
 
-def load_weights(net, state):
+def load_weights(net, state, assign=False):
     """net.load_state_dict(state), also for checkpoints of earlier versions, which did not store the
-    resampling filters (then the fixed [1, 3, 3, 1] FIR, which the new buffers start as)."""
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith('resample_filter')]
+    resampling filters (then the fixed [1, 3, 3, 1] FIR, which the new buffers start as). assign: net
+    is on the meta device and takes state's tensors themselves (no second copy in memory)."""
+    own = net.state_dict()
+    state = {**{k: fir_filter() for k in own if k.endswith('resample_filter') and k not in state}, **state}
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if missing or unexpected:
         raise RuntimeError(f'missing {missing[:3]}, unexpected {unexpected[:3]}')
+    net.load_state_dict(state, assign=assign)
 
 
 def read_checkpoint(path, device='cpu'):
@@ -807,10 +810,11 @@ def load_checkpoint(path, device='cpu'):
     """{'G', 'D', 'G_ema', 'args', 'step', 'nimg'} from a train.py checkpoint, networks rebuilt from its args."""
     ckpt = read_checkpoint(path, device)
     out = dict(args=ckpt['args'], step=ckpt['step'], nimg=ckpt['nimg'])
-    G, D = build_networks(ckpt['args'])
+    with torch.device('meta'):  # the networks take the checkpoint's tensors: one copy in memory, not two
+        G, D = build_networks(ckpt['args'])
     for key, net in [('G', G), ('D', D), ('G_ema', copy.deepcopy(G))]:
         try:
-            load_weights(net, ckpt[key])
+            load_weights(net, ckpt[key], assign=True)
         except (KeyError, RuntimeError) as e:  # missing / unexpected / misshapen tensors
             raise ValueError(f'{path}: its {key} does not fit the networks its args describe '
                              f'({" ".join(str(e).split())[:200]}); a checkpoint of another version of this code?') from None
@@ -941,7 +945,8 @@ def read_network_pickle(path):
         raise ValueError(f'{path} is not a stylegan2-ada network snapshot (a dict with G, D and G_ema)')
     nets = {k: _flatten(snap[k]) for k in ('G', 'D', 'G_ema')}
     args = _official_args(nets['G'][1], nets['D'][1], path)
-    G, D = build_networks(args)
+    with torch.device('meta'):  # only the names and shapes: no memory
+        G, D = build_networks(args)
     out = dict(args=args, step=0, nimg=0, official=True)
     for key, ours in (('G', G), ('D', D), ('G_ema', G)):
         tensors, modules = nets[key]
