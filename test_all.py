@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -3544,3 +3545,324 @@ def test_precision_recall_ball_includes_its_boundary():
     real = torch.tensor([[0.], [0], [0], [0], [50], [51], [52], [53]])
     fake = torch.tensor([[0.], [1000], [2000], [3000]])
     assert metrics.precision_recall(real, fake, k=3)[0] == pytest.approx(0.25)
+
+
+# ==============================================================================================
+# Official stylegan2-ada-pytorch networks: safe loading, equivalence to the tensor, fine-tuning
+# (fixtures written by the official code, ../shared/official/README.md; none of its code is imported)
+
+OFFICIAL = os.path.join(HERE, '..', 'shared', 'official')
+
+
+def official(name):
+    """(path of the pickle, its reference outputs as float32 tensors); skipped where the fixtures are not
+    beside the checkout (a copy of the project alone), required under CI."""
+    path = os.path.join(OFFICIAL, f'{name}.pkl')
+    if not os.path.isfile(path):
+        assert not os.environ.get('CI'), f'the official fixtures are missing: {OFFICIAL}'
+        pytest.skip(f'no official fixtures at {OFFICIAL}')
+    ref = np.load(os.path.join(OFFICIAL, f'{name}-ref.npz'))
+    return path, {k: torch.from_numpy(ref[k]).float() for k in ref.files}
+
+
+def official_outputs(ck, ref):
+    """Our G_ema / G / D on the fixture's inputs: {name: max abs difference to the official output}."""
+    c = ref['c'] if ref['c'].numel() else None
+    kw = {} if c is None else {'c': c}
+    with torch.no_grad():
+        ours = dict(ws=ck['G_ema'].map(ref['z'], **kw),
+                    img=ck['G_ema'](ref['z'], noise_mode='const', **kw),
+                    img_trunc=ck['G_ema'](ref['z'], psi=0.5, noise_mode='const', **kw),
+                    img_G=ck['G'](ref['z'], noise_mode='const', **kw),
+                    logits=ck['D'](ref['d_in'], **kw)[:, None])
+    return {k: (v - ref[k]).abs().max().item() for k, v in ours.items()}
+
+
+@pytest.mark.parametrize('name', ['sg2ada-32', 'sg2ada-64-cond'])
+def test_official_networks_reproduce_the_official_outputs(name):
+    """The fixtures' G_ema (psi 1 and 0.5 towards the pickled w_avg, const noise), G and D (minibatch-std
+    in the official strided groups) give the official outputs: ws within 1e-5, images and logits within
+    1e-4 (fp32, CPU). Parameter counts and construction arguments as in manifest.json."""
+    path, ref = official(name)
+    manifest = json.load(open(os.path.join(OFFICIAL, 'manifest.json')))[name]
+    ck = model.load_checkpoint(path)
+    a = ck['args']
+    assert (a['resolution'], a['c_dim'], a['z_dim'], a['w_dim'], a['map_layers'], a['channel_base'], a['channel_max'],
+            a['conv_clamp'], a['mbstd_group'], a['mbstd_layout']) == tuple(manifest[k] for k in (
+        'resolution', 'c_dim', 'z_dim', 'w_dim', 'mapping_layers', 'channel_base', 'channel_max', 'conv_clamp',
+        'mbstd_group_size')) + ('strided',)
+    assert train.count(ck['G']) == manifest['G_params'] and train.count(ck['D']) == manifest['D_params']
+    diff = official_outputs(ck, ref)
+    # logits within 1e-5: the contiguous minibatch-std groups give 5e-5 on these fixtures (next test)
+    assert diff['ws'] < 1e-5 and diff['logits'] < 1e-5 and max(diff.values()) < 1e-4, diff
+    assert not torch.equal(ck['G'].mapping.fc0.weight, ck['G_ema'].mapping.fc0.weight)  # two generators, not one
+
+
+def test_official_equivalence_catches_every_kind_of_difference(monkeypatch):
+    """The outputs depend on what a loader could get wrong: the strided minibatch-std grouping (D in the
+    contiguous one differs), a buffer left at its initial value (noise_const, w_avg, a resampling
+    filter), a square weight transposed (no shape check can see it)."""
+    path, ref = official('sg2ada-32')
+    ck = model.load_checkpoint(path)
+    ck['D'].b4.mbstd_layout = 'contiguous'
+    assert official_outputs(ck, ref)['logits'] > 2e-5
+    real_flatten = model._flatten
+    for key, change, output in [('synthesis.b8.conv1.noise_const', lambda t: torch.randn_like(t), 'img'),
+                                ('mapping.w_avg', torch.zeros_like, 'img_trunc'),
+                                ('synthesis.b16.conv0.resample_filter', lambda t: model.fir_filter(), 'img'),
+                                ('synthesis.b32.resample_filter', lambda t: model.fir_filter(), 'img'),
+                                ('mapping.fc1.weight', lambda t: t.t(), 'ws')]:
+        def flatten(meta, *a, **k):
+            tensors, modules = real_flatten(meta, *a, **k)
+            if not a and meta['class_name'] == 'Generator':
+                tensors[key] = change(tensors[key])
+            return tensors, modules
+        monkeypatch.setattr(model, '_flatten', flatten)
+        assert official_outputs(model.load_checkpoint(path), ref)[output] > 1e-3, key
+
+
+def test_official_loader_refuses_dropped_misnamed_misshapen_tensors(monkeypatch):
+    path, _ = official('sg2ada-64-cond')
+    real_flatten = model._flatten
+    for edit, needle in [(lambda t: t.pop('mapping.fc3.bias'), "missing ['mapping.fc3.bias']"),
+                         (lambda t: t.update({'b8.conv0.weights': t.pop('b8.conv0.weight')}), "unknown tensors ['b8.conv0.weights']"),
+                         (lambda t: t.update({'mapping.embed.weight': t['mapping.embed.weight'].t()}), 'mapping.embed.weight'),
+                         (lambda t: t.pop('b8.conv1.resample_filter'), "missing ['b8.conv1.resample_filter']")]:  # a used one
+        def flatten(meta, *a, **k):
+            tensors, modules = real_flatten(meta, *a, **k)
+            if not a and meta['class_name'] == 'Discriminator':
+                edit(tensors)
+            return tensors, modules
+        monkeypatch.setattr(model, '_flatten', flatten)
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            model.load_checkpoint(path)
+
+
+def test_official_pickle_that_calls_code_is_refused_and_nothing_runs(tmp_path):
+    """An ordinary pickle runs whatever its reduce names; ours resolves the allow-list only: a snapshot
+    whose reduce calls os.system (at the top, or inside a module's pickled state) is refused with one
+    line naming it, and the command never runs."""
+    marker = tmp_path / 'ran'
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f'touch {marker}',)
+
+    state = dict(_parameters={}, _buffers={}, _modules={}, payload=Evil())
+    for i, obj in enumerate([Evil(), dict(G=dict(class_name='Generator', state=state), D=None, G_ema=None),
+                             {'G': eval}]):
+        path = tmp_path / f'evil{i}.pkl'
+        path.write_bytes(pickle.dumps(obj, protocol=4))
+        with pytest.raises(ValueError) as e:
+            model.read_checkpoint(str(path))
+        msg = str(e.value)
+        assert 'not on the allow-list' in msg and ('system' in msg or 'builtins.eval' in msg) and len(msg.splitlines()) == 1
+        assert not marker.exists()
+
+
+def test_official_networks_of_another_architecture_get_one_line(monkeypatch):
+    """What this code cannot represent is named: a G architecture other than 'skip', a StyleGAN3-like
+    synthesis network, another activation, a D with its own channel base."""
+    path, _ = official('sg2ada-32')
+    real_flatten = model._flatten
+    for edit, needle in [(lambda m: m['synthesis.b8'][1].update(architecture='orig'), "architecture is orig, skip, not 'skip'"),
+                         (lambda m: m['synthesis'][1].pop('block_resolutions'), 'StyleGAN3'),
+                         (lambda m: m['mapping.fc0'][1].update(activation='relu'), 'activations linear, lrelu, relu'),
+                         (lambda m: m[''][1]['_init_kwargs'].update(channel_base=4096), 'its D has channel_base')]:
+        def flatten(meta, *a, **k):
+            tensors, modules = real_flatten(meta, *a, **k)
+            if not a:
+                edit_net = meta['class_name'] == ('Discriminator' if 'channel_base' in needle else 'Generator')
+                if edit_net:
+                    edit(modules)
+            return tensors, modules
+        monkeypatch.setattr(model, '_flatten', flatten)
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            model.load_checkpoint(path)
+
+
+def test_official_pickle_through_the_command_lines(tmp_path, capsys):
+    """model.py samples from a pickle (--class for a conditional one) and converts it to a checkpoint
+    of ours, which loads to the same networks; metrics.py needs --data for it; a resume from the
+    conversion says to use --init."""
+    path, ref = official('sg2ada-64-cond')
+    with pytest.raises(SystemExit, match=r'--class K with K in \[0, 4\]'):
+        model.main([path, '--seeds', '0-1', '--out', str(tmp_path / 's.png')])
+    model.main([path, '--seeds', '0-3', '--class', '2', '--out', str(tmp_path / 's.png')])
+    assert Image.open(tmp_path / 's.png').size == (4 * 64, 64)
+    model.main([path, '--convert', str(tmp_path / 'conv.pt')])
+    ck = model.load_checkpoint(str(tmp_path / 'conv.pt'))
+    assert max(official_outputs(ck, ref).values()) < 1e-4
+    expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'r'), '--resume', str(tmp_path / 'conv.pt')],
+                 'networks only', f'--init {tmp_path / "conv.pt"}')
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(sys, 'argv', ['metrics.py', path, '--metrics', 'di'])
+    with pytest.raises(SystemExit):
+        metrics.main()
+    monkey.undo()
+    assert 'pass --data' in capsys.readouterr().err
+
+
+INIT_FLAGS = ['--cfg', 'cpu', '--batch', '4', '--workers', '0', '--metrics', 'none', '--max-images', '16', '--log-sec', '0',
+              '--kimg', '0.004']
+
+
+def test_init_from_an_official_pickle_with_sel_added_starts_as_the_official_network(tmp_path, capsys):
+    """--init takes the architecture from the pickle; SEL (alpha 0) and its heatmap encoders are new and
+    leave the start equal to the official G_ema (within 1e-4); one step of fine-tuning trains from there
+    with the dual contrastive loss. Contradicting architecture flags or --cond get one line."""
+    path, ref = official('sg2ada-32')
+    out = str(tmp_path / 'ft')
+    args = train.parse_args(INIT_FLAGS + ['--init', path, '--sel', 'norm', '--loss', 'contrastive', '--out', out])
+    init = train.init_from(args)
+    assert (args.resolution, args.map_layers, args.channel_base, args.channel_max, args.z_dim) == (32, 2, 2048, 128, 512)
+    args.c_dim, args.conv_clamp = 0, 256
+    G, _ = model.build_networks(vars(args))
+    msg = train.load_init(G, init['G_ema'], 'G_ema')
+    assert 'new (spatial.enc.16.bias' in msg and 'not used' not in msg
+    with torch.no_grad():
+        img = G.eval()(ref['z'], noise_mode='const', heatmaps=G.sample_heatmaps(8, 'cpu'))
+    assert (img - ref['img']).abs().max() < 1e-4
+    train.main(INIT_FLAGS + ['--init', path, '--sel', 'norm', '--loss', 'contrastive', '--warmup-kimg', '0', '--out', out])
+    printed = capsys.readouterr().out
+    assert printed.count('init from') == 3 and 'D: 29 tensors loaded' in printed
+    ck = load(f'{out}/ckpt-0000001.pt')
+    assert ck['args']['conv_clamp'] == 256 and ck['args']['init'] == path and ck['step'] == 1
+    g_att = train.load_init(model.build_networks({**vars(args), 'sel': 'none', 'g_attn': 'san'})[0], init['G'], 'G')
+    assert 'not used (synthesis.b32.conv1.affine.bias' in g_att  # SAN replaces that conv
+    for extra, needle in [(['--resolution', '64'], 'has --resolution 32, this run asks for 64'),
+                          (['--cond'], 'unconditional: drop --cond')]:
+        expect_error(capsys, INIT_FLAGS + ['--init', path, '--out', str(tmp_path / 'x'), *extra], needle)
+    path64, _ = official('sg2ada-64-cond')
+    expect_error(capsys, INIT_FLAGS + ['--init', path64, '--out', str(tmp_path / 'y')], '5 classes): add --cond')
+    expect_error(capsys, INIT_FLAGS + ['--init', path64, '--cond', '--out', str(tmp_path / 'y')], 'has 5 classes, the data 4')
+
+
+# ---- class-conditional training and labels
+
+def test_conditional_training_grids_resume_and_labels(tmp_path):
+    """--cond on the built-in set: 4 classes (1-4 objects), D's projection and G's embedding get
+    gradients, the grid has one row of 8 per class, and a resume continues the same run."""
+    out = run_train(tmp_path, '--cond', '--kimg', '0.016', '--snap-kimg', '0.008', '--keep', '5')
+    ck = load(f'{out}/ckpt-0000002.pt')
+    assert ck['args']['c_dim'] == 4 and 'mapping.embed.weight' in ck['D'] and ck['G']['mapping.embed.weight'].shape == (32, 4)
+    first = load(f'{out}/ckpt-0000001.pt')
+    assert not torch.equal(first['D']['mapping.embed.weight'], ck['D']['mapping.embed.weight'])
+    assert Image.open(f'{out}/fakes-0000002.png').size == (8 * 16, 4 * 16)
+    resumed = run_train(tmp_path, '--cond', '--kimg', '0.008', '--snap-kimg', '0.008', name='r')
+    train.main(TINY_FLAGS + ['--out', resumed, '--cond', '--kimg', '0.016', '--snap-kimg', '0.008'])
+    assert_same_state(load(f'{resumed}/ckpt-0000002.pt'), ck)
+    ds = data.make_dataset(None, 16, 64)
+    assert ds.num_classes == 4 and all(ds.labels[i] == len(ds.scene(i)['objects']) - 1 for i in range(64))
+
+
+def test_training_draws_generated_labels_from_the_real_ones(tmp_path, monkeypatch):
+    """The labels G gets are those of random real images (the official protocol): with a set whose
+    labels are all class 2 (of 3), every generated label is 2, and D sees the real images' labels."""
+    seen = []
+    real_forward = model.Discriminator.forward
+    monkeypatch.setattr(model.Discriminator, 'forward', lambda self, img, *a, c=None, **k: (
+        seen.append(c.argmax(1).tolist()), real_forward(self, img, *a, c=c, **k))[1])
+    root = tmp_path / 'd'
+    for i in range(8):
+        (root / 'c').mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16, 3), 30 * i, np.uint8)).save(root / 'c' / f'{i}.png')
+    (root / 'dataset.json').write_text(json.dumps({'labels': [[f'c/{i}.png', 2] for i in range(8)]}))
+    run_train(tmp_path, '--cond', '--data', str(root), '--kimg', '0.008', '--max-images', '8')
+    assert seen and all(lab == [2] * 8 for lab in seen)
+
+
+def test_labels_from_dataset_json_and_subfolders_and_their_errors(tmp_path):
+    img = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    root = tmp_path / 'folders'
+    for cls, n in [('cat', 2), ('dog', 3)]:
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            img.save(root / cls / f'{i}.png')
+    ds = data.make_dataset(str(root), 8, labels=True)
+    assert ds.labels.tolist() == [0, 0, 1, 1, 1] and ds.num_classes == 2
+    img.save(root / 'loose.png')
+    with pytest.raises(data.DataError, match='outside class subfolders'):
+        data.make_dataset(str(root), 8, labels=True)
+    assert data.make_dataset(str(root), 8).labels is None  # unconditional: no labels read
+    names = ['cat/0.png', 'cat/1.png', 'dog/0.png', 'dog/1.png', 'dog/2.png', 'loose.png']
+    for labels, needle in [([[n, 1] for n in names[:-1]], 'no label for 1 image(s): loose.png'),
+                           ([[n, 1.5] for n in names], 'not class numbers'), ([[n, True] for n in names], 'not class numbers'),
+                           ([[n, -1] for n in names], 'not class numbers'), (None, 'an unlabelled set'),
+                           ('oops', 'is not {"labels"')]:
+        (root / 'dataset.json').write_text(json.dumps({'labels': labels}))
+        with pytest.raises(data.DataError, match=re.escape(needle)):
+            data.make_dataset(str(root), 8, labels=True)
+    (root / 'dataset.json').write_text(json.dumps({'labels': [[n, i % 3 + 2] for i, n in enumerate(names)]}))
+    ds = data.make_dataset(str(root), 8, labels=True)
+    assert ds.labels.tolist() == [2, 3, 4, 2, 3, 4] and ds.num_classes == 5  # stylegan2-ada: the largest class + 1
+    zpath = tmp_path / 'set.zip'
+    with zipfile.ZipFile(zpath, 'w') as z:
+        for n in names:
+            z.write(root / n, n)
+        z.writestr('dataset.json', json.dumps({'labels': [[n, 1] for n in names]}))
+    assert data.make_dataset(str(zpath), 8, labels=True).labels.tolist() == [1] * 6
+
+
+def test_conditional_metrics_draw_labels_of_real_images():
+    """evaluate() feeds a conditional G the labels of random real images and D the real images' own
+    labels (chunk by chunk, in the loader's order)."""
+    class Set(torch.utils.data.Dataset):
+        name, resolution, labels, num_classes = 'lab', 16, np.array([0, 1, 2, 1] * 8), 3
+
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return torch.full((3, 16, 16), 10 * i, dtype=torch.uint8)
+    G, D = tiny(c_dim=3)
+    seen = {'G': [], 'D': []}
+    g_fwd, d_fwd = G.forward, D.forward
+    G.forward = lambda z, *a, c=None, **k: seen['G'].append(c) or g_fwd(z, *a, c=c, **k)
+    D.forward = lambda img, *a, c=None, **k: seen['D'].append((img, c)) or d_fwd(img, *a, c=c, **k)
+    metrics.evaluate(['di'], G.eval(), D, Set(), 'cpu', batch=8, num_gen=16, log=lambda *a: None)
+    assert len(seen['G']) == 2 and all(c.shape == (8, 3) and c.sum(1).eq(1).all() for c in seen['G'])
+    for img, c in seen['D'][:2]:  # the 2 real chunks first: labels follow the image's index (10 * i)
+        idx = (img[:, 0, 0, 0] + 1) * 127.5 / 10
+        assert torch.equal(c.argmax(1), torch.as_tensor(Set.labels)[idx.round().long()])
+    for (_, c), g in zip(seen['D'][2:], seen['G']):  # D scores each generated image with the label G drew it for
+        assert torch.equal(c, g)
+    torch.manual_seed(0)  # the draw itself: labels[randint] of the real set
+    idx = torch.randint(32, (8,), generator=torch.Generator().manual_seed(metrics._seed(0, 6, 0)))
+    assert torch.equal(seen['G'][0].argmax(1), torch.as_tensor(Set.labels)[idx])
+
+
+def test_sel_official_placement_is_local_to_torgb_and_precedes_conv0(monkeypatch):
+    """--sel-placement official (the authors' code): a SEL before conv0 of blocks 8, 16, 32 (on their
+    4, 8, 16 px inputs), before conv1 and before toRGB of the level blocks; the toRGB one changes the
+    RGB branch only."""
+    G, _ = tiny(sel='norm', sel_placement='official', resolution=32)
+    syn = G.synthesis
+    assert [r for r in (4, 8, 16, 32) if getattr(syn, f'b{r}').sel_in is not None] == [8, 16, 32]
+    assert syn.b32.sel is None and syn.b16.sel_in.alpha.shape == (syn.b8.conv1.weight.shape[0],)
+    order = []
+    for name, m in syn.named_modules():
+        if name.count('.') == 1 and name.split('.')[1] in ('sel_in', 'conv0', 'conv1', 'torgb', 'sel'):
+            m.register_forward_pre_hook(lambda m, i, name=name: order.append(name))
+        if name.endswith(('sel.0', 'sel.1')):
+            m.register_forward_pre_hook(lambda m, i, name=name: order.append(name))
+    set_alpha(G, 0.5)
+    h = G.sample_heatmaps(2, 'cpu', torch.Generator().manual_seed(0))
+    ws = G.map(torch.randn(2, 32))
+    G.synthesize(ws, noise_mode='const', heatmaps=h)
+    assert order[:9] == ['b4.sel.0', 'b4.conv1', 'b4.sel.1', 'b4.torgb', 'b8.sel_in', 'b8.conv0', 'b8.sel.0', 'b8.conv1', 'b8.sel.1']
+    hfeats, x4 = G.spatial.encode(h), torch.randn(2, syn.b4.conv1.weight.shape[0], 4, 4)
+    with torch.no_grad():
+        y_local, img_local = syn.b8(x4, None, ws[:, 1:4], 'const', False, hfeats)
+        syn.b8.local_rgb = False  # the 'paper' placement: the features passed on carry the toRGB SEL too
+        y_passed, img_passed = syn.b8(x4, None, ws[:, 1:4], 'const', False, hfeats)
+    assert torch.equal(img_local, img_passed) and not torch.allclose(y_local, y_passed)
+    assert torch.allclose(syn.b8.sel[1](y_local, hfeats[8]), y_passed)
+
+
+def test_eqgan256_preset_is_the_authors_recipe():
+    args = train.parse_args(['--cfg', 'eqgan256'])
+    paper = train.parse_args(['--cfg', 'paper256'])
+    assert (args.pl_weight, args.style_mix) == (0, 0) and (paper.pl_weight, paper.style_mix) == (2, 0.9)
+    assert {k: getattr(args, k) for k in ('batch', 'lr', 'gamma', 'ema_kimg', 'mbstd_group', 'channel_base')} == \
+        {k: getattr(paper, k) for k in ('batch', 'lr', 'gamma', 'ema_kimg', 'mbstd_group', 'channel_base')}
