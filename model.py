@@ -590,10 +590,13 @@ class SNLayer(nn.Module):
         return F.conv2d(x, w, b, self.stride, self.padding) if self.k else F.linear(x, w, b)
 
 
-def _conv(cin, cout, k, gain=SQRT2):  # G's plain convolutions (SNGAN: Glorot-uniform, gain sqrt 2 on residual paths)
-    conv = nn.Conv2d(cin, cout, k, padding=k // 2)
+def _conv(cin, cout, k, gain=SQRT2, bias=False):
+    """G's plain convolutions (SNGAN: Glorot-uniform, gain sqrt 2 on residual paths). No bias where batch
+    norm follows: it would cancel it, and Adam would amplify its rounding-noise gradient to +-lr steps."""
+    conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
     nn.init.xavier_uniform_(conv.weight, gain)
-    nn.init.zeros_(conv.bias)
+    if bias:
+        nn.init.zeros_(conv.bias)
     return conv
 
 
@@ -648,21 +651,19 @@ class SmallGenerator(nn.Module):
         self.noise_res, self.num_ws = [], 0  # nothing to mix or to add noise to
         self.spatial = SpatialEncoding(sel, heatmap, resolution, ch) if sel != 'none' else None
         dcgan = arch == 'sndcgan'
-        self.fc = nn.Linear(z_dim + (self.spatial.flat_dim if self.spatial is not None else 0), 16 * ch[4])
+        self.fc = nn.Linear(z_dim + (self.spatial.flat_dim if self.spatial is not None else 0), 16 * ch[4], bias=False)
         nn.init.normal_(self.fc.weight, 0, 0.02) if dcgan else nn.init.xavier_uniform_(self.fc.weight)
-        nn.init.zeros_(self.fc.bias)
         self.bn0 = BatchNorm(16 * ch[4]) if dcgan else None  # Table 3a normalises the dense output per feature
         self.stages = nn.ModuleDict()
         for res in sorted(ch)[1:]:
             if dcgan:
-                deconv = nn.ConvTranspose2d(ch[res // 2], ch[res], 4, 2, 1)
+                deconv = nn.ConvTranspose2d(ch[res // 2], ch[res], 4, 2, 1, bias=False)  # BN follows (see _conv)
                 nn.init.normal_(deconv.weight, 0, 0.02)
-                nn.init.zeros_(deconv.bias)
                 self.stages[str(res)] = nn.Sequential(deconv, BatchNorm(ch[res]), nn.ReLU())
             else:
                 self.stages[str(res)] = _GBlock(ch[res // 2], ch[res])
         self.out = nn.Sequential(*([] if dcgan else [BatchNorm(ch[resolution]), nn.ReLU()]),
-                                 _conv(ch[resolution], 3, 3, gain=1.0), nn.Tanh())
+                                 _conv(ch[resolution], 3, 3, gain=1.0, bias=True), nn.Tanh())
         if dcgan:
             nn.init.normal_(self.out[0].weight, 0, 0.02)
         self.sel = nn.ModuleDict({str(r): self.spatial.sel_layers(r, 1)[0] for r, _, _ in self.spatial.levels}

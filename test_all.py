@@ -3866,3 +3866,201 @@ def test_eqgan256_preset_is_the_authors_recipe():
     assert (args.pl_weight, args.style_mix) == (0, 0) and (paper.pl_weight, paper.style_mix) == (2, 0.9)
     assert {k: getattr(args, k) for k in ('batch', 'lr', 'gamma', 'ema_kimg', 'mbstd_group', 'channel_base')} == \
         {k: getattr(paper, k) for k in ('batch', 'lr', 'gamma', 'ema_kimg', 'mbstd_group', 'channel_base')}
+
+
+# ==============================================================================================
+# SN-DCGAN and SNGAN backbones (Miyato et al. 2018)
+
+SMALL = dict(TINY, z_dim=16, channel_base=64, channel_max=16)
+
+
+def small(arch, **kw):
+    torch.manual_seed(0)
+    return model.build_networks({**SMALL, 'arch': arch, **kw})
+
+
+def test_spectral_norm_power_iteration_finds_the_largest_singular_value():
+    """Algorithm 1: repeated training forwards converge u, v to the top singular pair: sigma ->
+    svdvals(W)[0] and the normalised weight's spectral norm -> 1; an eval forward does not iterate.
+    The gradient includes sigma's dependence on W (u, v held constant), checked against autograd of
+    W / (u^T W v) written out."""
+    torch.manual_seed(0)
+    layer = model.SNLayer(6, 5, k=3, padding=1)
+    w = layer.weight.detach().flatten(1)
+    x = torch.randn(2, 6, 4, 4)
+    for _ in range(100):
+        layer(x)
+    sigma = (layer.u @ w @ layer.v).item()
+    assert sigma == pytest.approx(torch.linalg.svdvals(w)[0].item(), rel=1e-4)
+    assert torch.linalg.svdvals(w / sigma)[0].item() == pytest.approx(1, rel=1e-4)
+    u = layer.u.clone()
+    layer.eval()(x)
+    assert torch.equal(layer.u, u)
+    layer.train()
+    wp = layer.weight.detach().clone().requires_grad_(True)
+    want = F.conv2d(x, wp / (layer.u @ wp.flatten(1) @ layer.v), layer.bias.detach(), padding=1)
+    layer.zero_grad()
+    layer.eval()(x).square().sum().backward()
+    want.square().sum().backward()
+    assert torch.allclose(layer.weight.grad, wp.grad, atol=1e-5)
+    lin = model.SNLayer(7, 3)
+    for _ in range(100):
+        lin(torch.randn(2, 7))
+    assert (lin.u @ lin.weight.detach() @ lin.v).item() == pytest.approx(torch.linalg.svdvals(lin.weight.detach())[0].item(), rel=1e-4)
+
+
+def test_batch_norm_matches_pytorch_and_tracks_running_stats():
+    torch.manual_seed(0)
+    bn, ref = model.BatchNorm(4), nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.normal_(), bn.bias.normal_()
+        ref.weight.copy_(bn.weight), ref.bias.copy_(bn.bias)
+    for _ in range(3):
+        x = torch.randn(8, 4, 5, 5) * 3 + 1
+        assert torch.allclose(bn(x), ref(x), atol=1e-5)
+    assert torch.allclose(bn.running_mean, ref.running_mean, atol=1e-6) and torch.allclose(bn.running_var, ref.running_var, atol=1e-5)
+    x = torch.randn(8, 4, 5, 5)
+    assert torch.allclose(bn.eval()(x), ref.eval()(x), atol=1e-5)
+    flat, ref1 = model.BatchNorm(6), nn.BatchNorm1d(6)  # [B, C]: the SN-DCGAN dense output
+    x = torch.randn(8, 6)
+    assert torch.allclose(flat(x), ref1(x), atol=1e-5)
+
+
+def test_sn_dcgan_follows_miyato_table_3():
+    """G: dense to 4x4 x 512 (BN per feature, ReLU), 4x4 stride-2 deconvolutions to 256, 128, 64 with BN
+    and ReLU, a 3x3 conv to RGB and tanh; D: 3x3 / 4x4-stride-2 pairs of 64, 128, 256 channels, a 3x3
+    conv of 512, leaky ReLU 0.1, spectral norm everywhere, a linear head (full width at 32 px)."""
+    G, D = model.build_networks(dict(SMALL, arch='sndcgan', resolution=32, z_dim=128, channel_base=2048, channel_max=512))
+    assert G.fc.weight.shape == (4 * 4 * 512, 128) and G.bn0.weight.shape == (4 * 4 * 512,)
+    deconvs = [m for m in G.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert [(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding) for m in deconvs] == \
+        [(512, 256, (4, 4), (2, 2), (1, 1)), (256, 128, (4, 4), (2, 2), (1, 1)), (128, 64, (4, 4), (2, 2), (1, 1))]
+    assert G.out[0].weight.shape == (3, 64, 3, 3) and isinstance(G.out[1], nn.Tanh)
+    sn = [m for m in D.modules() if isinstance(m, model.SNLayer)]
+    assert [(tuple(m.weight.shape), m.stride) for m in sn] == [
+        ((64, 3, 3, 3), 1), ((64, 64, 4, 4), 2), ((128, 64, 3, 3), 1), ((128, 128, 4, 4), 2), ((256, 128, 3, 3), 1),
+        ((256, 256, 4, 4), 2), ((512, 256, 3, 3), 1), ((1, 4 * 4 * 512), 1)]
+    assert {m.negative_slope for m in D.modules() if isinstance(m, nn.LeakyReLU)} == {0.1}
+    assert not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in D.modules())  # every D layer is spectrally normalised
+    z = torch.randn(2, 128)
+    logits, feat, maps = D(G(z), return_features=True, return_maps=True)
+    assert logits.shape == (2,) and feat.shape == (2, 512) and {r: m.shape[1:] for r, m in maps.items()} == {
+        32: (64, 32, 32), 16: (128, 16, 16), 8: (256, 8, 8), 4: (512, 4, 4)}
+
+
+def test_sngan_follows_miyato_table_4_and_its_blocks_by_hand():
+    """G: dense to 4x4 x 256, three up-sampling ResBlocks of 256, BN, ReLU, 3x3 conv, tanh; D: an
+    optimized block and a down-sampling block to 8x8, two blocks at 8x8, ReLU, global sum pooling, a
+    linear head (128 channels). The blocks against their definitions written out."""
+    G, D = model.build_networks(dict(SMALL, arch='sngan', resolution=32, z_dim=128, channel_base=8192, channel_max=256))
+    assert G.fc.weight.shape == (4 * 4 * 256, 128) and len(G.stages) == 3 and G.bn0 is None
+    assert all(s.conv0.weight.shape == (256, 256, 3, 3) for s in G.stages.values())
+    assert [len(s) for s in D.stages.values()] == [1, 3] and list(D.stages) == ['16', '8'] and D.head.weight.shape == (1, 128)
+    torch.manual_seed(0)
+    blk = model._GBlock(4, 6)
+    x = torch.randn(2, 4, 3, 3)
+    up = lambda t: t.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    h = blk.conv1(F.relu(blk.bn1(blk.conv0(up(F.relu(blk.bn0(x)))))))
+    assert torch.allclose(blk(x), h + blk.skip(up(x)), atol=1e-6)
+    first, down, same = model._DBlock(3, 4, first=True), model._DBlock(4, 5), model._DBlock(5, 5, down=False)
+    x = torch.randn(2, 3, 8, 8)
+    pool = lambda t: (t[:, :, ::2, ::2] + t[:, :, 1::2, ::2] + t[:, :, ::2, 1::2] + t[:, :, 1::2, 1::2]) / 4
+    for m in (first, down, same):
+        m.eval()  # fixed u, v: the same normalised weights in both computations
+    y = first(x)
+    assert torch.allclose(y, pool(first.conv1(F.relu(first.conv0(x)))) + first.skip(pool(x)), atol=1e-6)
+    y2 = down(y)
+    assert torch.allclose(y2, pool(down.conv1(F.relu(down.conv0(F.relu(y))))) + pool(down.skip(y)), atol=1e-6)
+    assert same.skip is None and torch.allclose(same(y2), same.conv1(F.relu(same.conv0(F.relu(y2)))) + y2, atol=1e-6)
+    logits, feat = D(torch.randn(2, 3, 32, 32), return_features=True)
+    assert torch.allclose(logits, D.head.eval()(feat).squeeze(1), atol=1e-5)
+
+
+@pytest.mark.parametrize('arch', ['sndcgan', 'sngan'])
+@pytest.mark.parametrize('loss', losses.LOSSES)
+def test_backbones_train_with_every_loss(tmp_path, arch, loss):
+    out = run_sn(tmp_path, arch, '--kimg', '0.024', '--loss', loss, *(['--warmup-kimg', '0.008'] if loss == 'contrastive' else []))
+    ck = load(f'{out}/ckpt-0000003.pt')
+    assert ck['args']['arch'] == arch and all(torch.isfinite(v).all() for v in ck['G'].values())
+    first = G0 = model.build_networks({**SMALL, 'arch': arch, 'resolution': 16})[0]
+    assert any(not torch.equal(ck['G'][k], v) for k, v in G0.state_dict().items() if v.is_floating_point()) and first
+
+
+@pytest.mark.parametrize('arch', ['sndcgan', 'sngan'])
+@pytest.mark.parametrize('extra', [['--sel', 'norm'], ['--sel', 'norm', '--cam-weights', 'detached'], ['--sel', 'concat'],
+                                   ['--sel', 'flatten'], ['--g-attn', 'san', '--g-attn-res', '8', '--d-attn', 'self']])
+def test_backbones_with_eqgan_sa_and_attention(tmp_path, monkeypatch, arch, extra):
+    """SEL (+ GradCAM alignment on D's 4, 8, 16 maps, or those of them D has) and self-attention train;
+    the alignment loss reaches G."""
+    seen = []
+    real_align = losses.align_loss
+    monkeypatch.setattr(losses, 'align_loss', lambda logits, maps, *a, **k: seen.append(sorted(maps)) or real_align(logits, maps, *a, **k))
+    out = run_sn(tmp_path, arch, '--kimg', '0.016', '--n-dis', '1', *extra)
+    log = [json.loads(line) for line in open(f'{out}/log.jsonl')]
+    if extra[:2] in (['--sel', 'norm'], ['--sel', 'concat']):
+        assert seen and all('G/align' in line for line in log)
+        assert seen[0] == ([4, 8, 16] if arch == 'sndcgan' else [8]) if False else seen[0] == sorted(seen[0])
+    G, D = model.load_checkpoint(glob.glob(f'{out}/ckpt-*.pt')[-1])['G'], None
+    assert G.uses_heatmaps == (extra[0] == '--sel') and all(torch.isfinite(p).all() for p in G.parameters())
+
+
+@pytest.mark.parametrize('arch', ['sndcgan', 'sngan'])
+def test_backbones_resume_exactly(tmp_path, arch):
+    """Spectral norm's u, v and batch norm's running stats are in the checkpoint: a resumed run equals
+    the uninterrupted one (with R1, which makes D's optimiser lazy, and 2 D steps per G step)."""
+    common = ['--snap-kimg', '0.016', '--gamma', '1', '--r1-interval', '2', '--n-dis', '2', '--sel', 'norm']
+    a = run_sn(tmp_path, arch, '--kimg', '0.032', *common, name='a')
+    b = run_sn(tmp_path, arch, '--kimg', '0.016', *common, name='b')
+    run_sn(tmp_path, arch, '--kimg', '0.032', *common, name='b')
+    ca, cb = load(f'{a}/ckpt-0000004.pt'), load(f'{b}/ckpt-0000004.pt')
+    assert_same_state(ca, cb)
+    assert any(k.endswith('.u') for k in ca['D']) and any(k.endswith('running_var') for k in ca['G'])
+
+
+@pytest.mark.parametrize('arch', ['sndcgan', 'sngan'])
+def test_backbones_ddp_two_processes_match_one(tmp_path, arch):
+    """2 gloo processes == 1: batch norm's statistics span the global batch (an all_reduce with its
+    gradient), spectral norm iterates the same weights on every rank."""
+    common = ['--cfg', f'{arch}-cpu'] + SN_FLAGS + ['--kimg', '0.024', '--snap-kimg', '1', '--n-dis', '2', '--loss', 'contrastive',
+                                                    '--warmup-kimg', '0.008', '--sel', 'norm']
+    torchrun(common + ['--out', str(tmp_path / 'ddp')], 2, tmp_path)
+    train.main(common + ['--out', str(tmp_path / 'one')])
+    a, b = load(glob.glob(f'{tmp_path}/ddp/ckpt-*.pt')[0]), load(glob.glob(f'{tmp_path}/one/ckpt-*.pt')[0])
+    assert_same_state(a, b, atol=1e-4)
+
+
+def test_backbone_flags_that_cannot_apply_stop_with_one_line(tmp_path, capsys):
+    out = str(tmp_path / 'x')
+    base = ['--cfg', 'sndcgan-cpu'] + SN_FLAGS + ['--out', out]
+    for extra, needle in [(['--style-mix', '0.5'], '--style-mix applies to --arch stylegan2 only'),
+                          (['--map-layers', '4'], '--map-layers applies'), (['--pl-weight', '2'], '--pl-weight applies'),
+                          (['--mbstd-group', '2'], '--mbstd-group applies'), (['--w-dim', '8'], '--w-dim applies'),
+                          (['--cond'], '--cond applies'), (['--mbstd-layout', 'strided'], '--mbstd-layout applies'),
+                          (['--pl-interval', '2'], '--pl-interval applies'),
+                          (['--sel', 'norm', '--sel-placement', 'official'], '--sel-placement applies'),
+                          (['--d-attn', 'ref'], '--d-attn ref needs --arch stylegan2'),
+                          (['--d-attn', 'self', '--d-attn-res', '2'], 'is not a D resolution'),
+                          (['--metrics', 'ppl2_wend'], 'measures paths in W'),
+                          (['--r1-interval', '4'], '--r1-interval does nothing without a positive --gamma'),
+                          (['--n-dis', '0'], '--n-dis 0 must be at least 1'),
+                          (['--beta1', '1'], 'must lie in [0, 1)')]:
+        expect_error(capsys, base + extra, needle)
+    expect_error(capsys, ['--arch', 'sngan', '--cfg', 'cpu', '--out', out], '--cfg cpu is a stylegan2 preset', 'sngan-cpu')
+    assert train.parse_args(['--arch', 'sngan']).cfg == 'sngan' and train.parse_args([]).cfg == 'e'
+    args = train.parse_args(['--cfg', 'sngan-cpu'])
+    assert (args.n_dis, args.beta1, args.beta2, args.lr, args.z_dim, args.batch) == (5, 0.0, 0.9, 2e-4, 128, 64)
+    args = train.parse_args(['--cfg', 'sndcgan'])
+    assert (args.n_dis, args.beta1, args.beta2, args.channel_base, args.channel_max) == (1, 0.5, 0.999, 2048, 512)
+
+
+def test_backbone_checkpoints_through_model_and_metrics_command_lines(tmp_path, capsys, monkeypatch):
+    out = run_sn(tmp_path, 'sndcgan', '--kimg', '0.008')
+    ck = glob.glob(f'{out}/ckpt-*.pt')[0]
+    model.main([ck, '--seeds', '0-3', '--out', str(tmp_path / 's.png')])
+    assert Image.open(tmp_path / 's.png').size == (4 * 16, 16)
+    with pytest.raises(SystemExit, match='--trunc needs a mapping network'):
+        model.main([ck, '--trunc', '0.7', '--out', str(tmp_path / 't.png')])
+    monkeypatch.setattr(sys, 'argv', ['metrics.py', ck, '--metrics', 'swd,di', '--num-gen', '64', '--batch', '32'])
+    metrics.main()
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(res) == {'swd', 'di'} and math.isfinite(res['di'])
