@@ -64,7 +64,7 @@ CONFIGS = {
                         snap_kimg=10, metrics='swd2k,di2k', metrics_kimg=20),
     'sngan':       dict(SN, arch='sngan', channel_base=8192, channel_max=256, beta1=0.0, beta2=0.9, n_dis=5, kimg=16000,
                         snap_kimg=100, metrics='fid50k_full,di'),
-    'sngan-cpu':   dict(SN, arch='sngan', channel_base=2048, channel_max=64, beta1=0.0, beta2=0.9, n_dis=5, kimg=100,
+    'sngan-cpu':   dict(SN, arch='sngan', channel_base=2048, channel_max=64, beta1=0.0, beta2=0.9, n_dis=1, kimg=100,
                         snap_kimg=10, metrics='swd2k,di2k', metrics_kimg=20),
 }
 STYLEGAN2_ONLY = ('w_dim', 'map_layers', 'mbstd_group', 'style_mix', 'pl_weight')  # preset flags the other backbones lack
@@ -260,7 +260,8 @@ def phase_step(net, opt, scaler, loss, world):
     instead of DDP wrappers: every flag combination works, unused parameters included (e.g. D's
     layers that a phase does not reach). Non-finite gradient entries are zeroed like the official
     code, except under fp16 loss scaling: there an inf is the overflow the scaler must see to skip
-    the step and lower its scale (the all_reduce spreads it, so every process skips)."""
+    the step and lower its scale (the all_reduce spreads it, so every process skips). Returns the norm of
+    the averaged gradient (None under fp16 loss scaling)."""
     scaler.scale(loss).backward()
     params = [p for p in net.parameters() if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -274,6 +275,7 @@ def phase_step(net, opt, scaler, loss, world):
         p.grad = g.view_as(p)
     scaler.step(opt)
     scaler.update()
+    return None if scaler.is_enabled() else flat.norm()  # the gradient's norm (not under fp16: it is scaled there)
 
 
 def keep_freed_memory():
@@ -631,7 +633,9 @@ def train(args, rank, world, device, init=None):
                                             args.cam_weights)
                 record('G/align', l_align)
                 loss = loss + args.align_weight * args.align_interval * l_align
-            phase_step(G, opt_G, scaler_G, loss, world)
+            grad = phase_step(G, opt_G, scaler_G, loss, world)
+            if grad is not None:  # what G receives from D (and the alignment loss)
+                record('G/grad', grad)
 
         # Greg: path length on half the batch, every pl_interval G steps, weight x interval
         if g_step and args.pl_weight > 0 and g_index % args.pl_interval == 0:
@@ -661,11 +665,15 @@ def train(args, rank, world, device, init=None):
         record('D/loss', loss)
         record('D/real', real_logits.mean())
         record('D/fake', fake_logits.mean())
+        record('D/std', torch.cat([real_logits, fake_logits]).float().std())  # the logits' scale
+        record('D/acc', (real_logits[:, None] > fake_logits[None, :]).float().mean())  # share of (real, fake) pairs ranked right
         # EqGAN-SA Fig. 1: min D score of reals vs max D score of fakes since the last log line
         r_min, f_max = real_logits.detach().min().float(), fake_logits.detach().max().float()
         extremes['D/real_min'] = torch.minimum(extremes.get('D/real_min', r_min), r_min)
         extremes['D/fake_max'] = torch.maximum(extremes.get('D/fake_max', f_max), f_max)
-        phase_step(D, opt_D, scaler_D, loss, world)
+        grad = phase_step(D, opt_D, scaler_D, loss, world)
+        if grad is not None:
+            record('D/grad', grad)
 
         # Dreg: R1 every r1_interval steps, weight gamma / 2 x interval
         if args.gamma > 0 and step % args.r1_interval == 0:
@@ -719,7 +727,7 @@ def train(args, rank, world, device, init=None):
                                seed=args.seed, amp=args.amp, log=lambda s: print0(s, rank=rank),
                                worker_init_fn=data.leave_stop_signals_to_main)
         if logf:
-            logf.write(json.dumps(dict(kimg=round(nimg / 1000, 3), step=step, metrics=res)) + '\n')
+            logf.write(json.dumps(dict(kimg=round(nimg / 1000, 3), step=step, metrics=res, seconds=round(time.time() - t0, 1))) + '\n')
             logf.flush()
         print0(f'metrics at kimg {nimg / 1000:.2f} ({time.time() - t0:.1f} s): {json.dumps(res)}', rank=rank)
         return time.time() - t0
