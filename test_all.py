@@ -2328,7 +2328,7 @@ def test_training_step_maths_by_hand(tmp_path, monkeypatch):
     calls, kinds, cuts, batches = [], [], [], []
     real_phase_step, real_r1, real_pl = train.phase_step, losses.r1_penalty, losses.path_length_penalty
     monkeypatch.setattr(train, 'phase_step', lambda net, opt, scaler, loss, world: (
-        calls.append(loss.item()), real_phase_step(net, opt, scaler, loss, world)))
+        calls.append(loss.item()), real_phase_step(net, opt, scaler, loss, world))[1])
     captured = {}
     monkeypatch.setattr(losses, 'r1_penalty', lambda *a: captured.setdefault('r1', []).append(real_r1(*a)) or captured['r1'][-1])
     monkeypatch.setattr(losses, 'path_length_penalty',
@@ -2532,7 +2532,7 @@ def test_wgan_step_adds_ten_times_the_gradient_penalty(tmp_path, monkeypatch):
     monkeypatch.setattr(losses, 'd_loss', lambda kind, r, f: seen.update(r=r.detach().clone(), f=f.detach().clone()) or real_d(kind, r, f))
     monkeypatch.setattr(losses, 'wgan_gp', lambda *a, **k: seen.setdefault('gp', real_gp(*a, **k)))
     monkeypatch.setattr(train, 'phase_step', lambda net, opt, scaler, loss, world: (
-        steps.append(loss.item()), real_step(net, opt, scaler, loss, world)))
+        steps.append(loss.item()), real_step(net, opt, scaler, loss, world))[1])
     out = run_train(tmp_path, '--kimg', '0.008', '--snap-kimg', '1', '--loss', 'wgan', '--gamma', '0')
     r, f, gp = seen['r'], seen['f'], seen['gp'].detach()
     assert gp.shape == (8,) and gp.mean() > 0
@@ -4047,8 +4047,9 @@ def test_backbone_flags_that_cannot_apply_stop_with_one_line(tmp_path, capsys):
         expect_error(capsys, base + extra, needle)
     expect_error(capsys, ['--arch', 'sngan', '--cfg', 'cpu', '--out', out], '--cfg cpu is a stylegan2 preset', 'sngan-cpu')
     assert train.parse_args(['--arch', 'sngan']).cfg == 'sngan' and train.parse_args([]).cfg == 'e'
-    args = train.parse_args(['--cfg', 'sngan-cpu'])
+    args = train.parse_args(['--cfg', 'sngan'])  # the SN paper's ResNet setting; the -cpu preset takes 1 D step per G step
     assert (args.n_dis, args.beta1, args.beta2, args.lr, args.z_dim, args.batch) == (5, 0.0, 0.9, 2e-4, 128, 64)
+    assert train.parse_args(['--cfg', 'sngan-cpu']).n_dis == 1
     args = train.parse_args(['--cfg', 'sndcgan'])
     assert (args.n_dis, args.beta1, args.beta2, args.channel_base, args.channel_max) == (1, 0.5, 0.999, 2048, 512)
 
@@ -4064,3 +4065,26 @@ def test_backbone_checkpoints_through_model_and_metrics_command_lines(tmp_path, 
     metrics.main()
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(res) == {'swd', 'di'} and math.isfinite(res['di'])
+
+
+def test_logged_diagnostics_equal_their_definitions(tmp_path, monkeypatch):
+    """One D step and one G step logged: D/acc = share of (real, fake) pairs with the real logit above,
+    D/std = std of all logits, D/grad and G/grad = norms of the gradients the optimisers stepped with."""
+    logits, norms = [], {}
+    real_d_loss, real_phase_step = losses.d_loss, train.phase_step
+    monkeypatch.setattr(losses, 'd_loss', lambda kind, r, f: logits.append((r.detach(), f.detach())) or real_d_loss(kind, r, f))
+
+    def phase_step(net, opt, scaler, loss, world):
+        out = real_phase_step(net, opt, scaler, loss, world)
+        grads = [p.grad.flatten() for p in net.parameters() if p.requires_grad and p.grad is not None]
+        norms.setdefault(type(net).__name__, []).append(torch.cat(grads).norm().item())
+        return out
+    monkeypatch.setattr(train, 'phase_step', phase_step)
+    out = run_train(tmp_path, '--kimg', '0.008', '--gamma', '0', '--pl-weight', '0')  # 1 step: Gmain, Dmain only
+    line = [r for r in map(json.loads, open(f'{out}/log.jsonl')) if 'D/acc' in r][-1]
+    (r, f), = logits
+    want = dict(acc=sum(float(a > b) for a in r.tolist() for b in f.tolist()) / (len(r) * len(f)),
+                std=np.std(r.tolist() + f.tolist(), ddof=1))  # the log keeps 4 significant digits
+    assert line['D/acc'] == pytest.approx(want['acc'], rel=1e-3) and line['D/std'] == pytest.approx(want['std'], rel=1e-3)
+    assert line['G/grad'] == pytest.approx(norms['Generator'][0], rel=1e-3)
+    assert line['D/grad'] == pytest.approx(norms['Discriminator'][0], rel=1e-3)

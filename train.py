@@ -64,7 +64,7 @@ CONFIGS = {
                         snap_kimg=10, metrics='swd2k,di2k', metrics_kimg=20),
     'sngan':       dict(SN, arch='sngan', channel_base=8192, channel_max=256, beta1=0.0, beta2=0.9, n_dis=5, kimg=16000,
                         snap_kimg=100, metrics='fid50k_full,di'),
-    'sngan-cpu':   dict(SN, arch='sngan', channel_base=2048, channel_max=64, beta1=0.0, beta2=0.9, n_dis=1, kimg=100,
+    'sngan-cpu':   dict(SN, arch='sngan', channel_base=1024, channel_max=32, beta1=0.0, beta2=0.9, n_dis=1, kimg=100,
                         snap_kimg=10, metrics='swd2k,di2k', metrics_kimg=20),
 }
 STYLEGAN2_ONLY = ('w_dim', 'map_layers', 'mbstd_group', 'style_mix', 'pl_weight')  # preset flags the other backbones lack
