@@ -4,7 +4,9 @@ StyleGAN2 generator and discriminator (Karras et al., CVPR 2020, configs E and F
   - self-attention in G (SAN, SAGAN, DFN, VT) and self-/reference-attention in D from
     "Dual Contrastive Loss and Attention for GANs" (Yu et al., ICCV 2021; thesis Sec. 2.3.2-2.3.3),
   - hierarchical heatmaps and spatial encoding layers (SEL) in G from "Improving GAN Equilibrium by
-    Raising Spatial Awareness" (EqGAN-SA, Wang et al., CVPR 2022; Sec. 3.1, Eq. 3).
+    Raising Spatial Awareness" (EqGAN-SA, Wang et al., CVPR 2022; Sec. 3.1, Eq. 3),
+  - the SN-DCGAN and SNGAN backbones (Miyato et al., ICLR 2018) the papers also report on,
+  - safe reading of official stylegan2-ada-pytorch network pickles (no code from the pickle runs).
 
 Plain PyTorch, no custom ops. Parameter names follow the official code (mapping.fc0,
 synthesis.b32.conv1.affine, b64.skip, b4.out, ...). Conventions: images are NCHW float in [-1, 1];
@@ -16,6 +18,7 @@ Run alone:
   python model.py CKPT1 CKPT2 --seeds 0-7 --out compare.png           # one row per run, same latents
   python model.py CKPT --heatmap-centers 0.5,0.5 --move 0.2,0 --out edit.png   # EqGAN-SA editing
   python model.py CKPT --attn-maps --out attn.png     # SAN attention maps (thesis Fig. 2.5)
+  python model.py network-snapshot.pkl --convert net.pt  # an official pickle -> this project's checkpoint
 """
 import argparse
 import collections
