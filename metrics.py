@@ -687,9 +687,10 @@ def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_g
     return results
 
 
-def plot_curves(series, path, title='', xlabel='kimg', size=(720, 400)):
+def plot_curves(series, path, title='', xlabel='kimg', size=(720, 400), beside=None):
     """A line plot with Pillow alone: series = [(label, xs, ys)] or [(label, xs, ys, lo, hi)] (a band drawn
-    under the line, e.g. +-1 std over seeds) -> PNG (e.g. EqGAN-SA Fig. 1's curves)."""
+    under the line, e.g. +-1 std over seeds) -> PNG (e.g. EqGAN-SA Fig. 1's curves); beside: a PNG (e.g.
+    sample grids) placed to the left of the plot in the same file."""
     from PIL import Image, ImageDraw
     W, H, L, R, T, B = *size, 56, 200, 28, 36
     xs = [x for _, sx, *_ in series for x in sx]
@@ -722,6 +723,12 @@ def plot_curves(series, path, title='', xlabel='kimg', size=(720, 400)):
         d.text((W - R + 10, T + 16 * k), label, fill=c)
     d.text((L, 8), title, fill='black')
     d.text(((W - R + L) // 2 - 10, H - 16), xlabel, fill='black')
+    if beside:
+        left = Image.open(beside).convert('RGB')
+        both = Image.new('RGB', (left.width + W, max(left.height, H)), 'white')
+        both.paste(left, (0, 0))
+        both.paste(img, (left.width, 0))
+        img = both
     img.save(path)
 
 
@@ -735,7 +742,7 @@ def run_name(log, seeds=False):  # the run folder; seeds: without its '-s<seed>'
     return re.sub(r'-s\d+$', '', run) if seeds else run
 
 
-def plot_logs(logs, keys, path, title='', seeds=False):
+def plot_logs(logs, keys, path, title='', seeds=False, beside=None):
     """Curves of train.py's log.jsonl files: one series per (run, key), labelled by the run folder;
     seeds=True: the runs that differ only by their '-s<seed>' suffix as one mean curve with a +-1 std
     band, at the kimg all of them logged the key."""
@@ -756,7 +763,7 @@ def plot_logs(logs, keys, path, title='', seeds=False):
             series.append((label, xs, v.mean(0)) + ((v.mean(0) - v.std(0), v.mean(0) + v.std(0)) if seeds else ()))
     if not series:
         raise ValueError(f'none of --keys {",".join(keys)} in {", ".join(logs)}; they hold {", ".join(sorted(seen))}')
-    plot_curves(series, path, title)
+    plot_curves(series, path, title, beside=beside)
 
 
 def summarize(log):
@@ -808,6 +815,7 @@ def main():
                    'mean +- std over the seeds of each run')
     p.add_argument('--keys', default='D/real_min,D/fake_max', help='--plot / --table: log keys (default: EqGAN-SA Fig. 1)')
     p.add_argument('--title', default='', help='--plot: title')
+    p.add_argument('--beside', metavar='PNG', help='--plot: put this image (e.g. sample grids of the runs) left of the curves')
     p.add_argument('--out', default='curves.png', help='--plot: output PNG')
     p.add_argument('--metrics', default='fid50k_full',
                    help='comma-separated: fid50k_full, fid10k, kid50k_full, pr50k3_full, ppl2_wend (ppl_wend: with '
@@ -833,7 +841,7 @@ def main():
         print(table([json.load(open(f)) for f in a.table], a.keys.split(',')))
         return
     if a.plot:
-        plot_logs(a.plot, a.keys.split(','), a.out, a.title, a.seeds)
+        plot_logs(a.plot, a.keys.split(','), a.out, a.title, a.seeds, a.beside)
         print(f'wrote {a.out}')
         return
     if a.ckpt is None:

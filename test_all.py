@@ -2130,6 +2130,39 @@ def test_plot_logs_draws_each_curve(tmp_path):
     metrics.plot_logs([str(run / 'log.jsonl')], ['di', 'swd/avg'], str(tmp_path / 'm.png'))  # metric lines, flattened
 
 
+def test_seed_bands_summaries_and_tables_over_runs(tmp_path):
+    """Runs NAME-s<seed> are one curve (mean, +-1 std band) and one table row (mean +- std of the final
+    values); a summary holds kimg, training seconds (sum of interval x sec/kimg), metric seconds, snapshots."""
+    logs = []
+    for seed, (a, b) in enumerate([(10.0, 4.0), (14.0, 8.0)]):
+        run = tmp_path / f'exp-s{seed}'
+        run.mkdir()
+        with open(run / 'log.jsonl', 'w') as f:
+            f.write(json.dumps({'kimg': 1, 'sec_per_kimg': 2.0}) + '\n')
+            f.write(json.dumps({'kimg': 1, 'step': 5, 'metrics': {'swd': {'avg': a}}, 'seconds': 3.0}) + '\n')
+            f.write(json.dumps({'kimg': 3, 'sec_per_kimg': 4.0}) + '\n')
+            f.write(json.dumps({'kimg': 3, 'step': 9, 'metrics': {'swd': {'avg': b}, 'di': seed}, 'seconds': 1.5}) + '\n')
+        logs.append(str(run / 'log.jsonl'))
+    sm = metrics.summarize(logs[0])
+    assert (sm['run'], sm['kimg'], sm['train_seconds'], sm['metric_seconds']) == ('exp-s0', 3, 1 * 2.0 + 2 * 4.0, 4.5)
+    assert sm['snapshots'] == [{'kimg': 1, 'swd/avg': 10.0}, {'kimg': 3, 'swd/avg': 4.0, 'di': 0}] and sm['final']['di'] == 0
+    rows = metrics.table([metrics.summarize(p) for p in logs], ['swd/avg', 'di']).splitlines()
+    assert rows[2] == '| exp | 2 | 6.00 +- 2.00 | 0.50 +- 0.50 |'  # finals 4 and 8, di 0 and 1
+    captured = {}
+    real = metrics.plot_curves
+    metrics.plot_curves = lambda series, *a, **k: captured.update(series=series) or real(series, *a, **k)
+    try:
+        Image.new('RGB', (50, 30), (255, 0, 0)).save(tmp_path / 'grid.png')
+        metrics.plot_logs(logs, ['swd/avg'], str(tmp_path / 'c.png'), seeds=True, beside=str(tmp_path / 'grid.png'))
+    finally:
+        metrics.plot_curves = real
+    (label, xs, mean, lo, hi), = captured['series']
+    assert label == 'exp swd/avg (2 seeds)' and xs == [1, 3]
+    assert np.allclose(mean, [12, 6]) and np.allclose(lo, [10, 4]) and np.allclose(hi, [14, 8])
+    img = Image.open(tmp_path / 'c.png')
+    assert img.size == (50 + 720, 400) and img.getpixel((10, 10)) == (255, 0, 0)  # the grid, left of the plot
+
+
 def test_metric_names():
     assert metrics._parse('fid50k_full', None, 70000) == ('fid', 50000, 70000)
     assert metrics._parse('kid50k_full', None, 2_000_000) == ('kid', 50000, 1_000_000)
