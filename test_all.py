@@ -4085,8 +4085,8 @@ def test_backbone_flags_that_cannot_apply_stop_with_one_line(tmp_path, capsys):
     assert train.parse_args(['--cfg', 'sngan-cpu']).n_dis == 1
     quick, base = train.parse_args(['--cfg', 'quick']), train.parse_args(['--cfg', 'sndcgan-cpu'])  # sndcgan-cpu + EMA
     assert (quick.arch, quick.ema_kimg, base.ema_kimg) == ('sndcgan', 5, 0)
-    assert {k: v for k, v in vars(quick).items() if k not in ('cfg', 'ema_kimg', 'ema_rampup', 'metrics_kimg')} == \
-        {k: v for k, v in vars(base).items() if k not in ('cfg', 'ema_kimg', 'ema_rampup', 'metrics_kimg')}
+    assert {k: v for k, v in vars(quick).items() if k not in ('cfg', 'ema_kimg', 'ema_rampup', 'kimg', 'metrics_kimg')} == \
+        {k: v for k, v in vars(base).items() if k not in ('cfg', 'ema_kimg', 'ema_rampup', 'kimg', 'metrics_kimg')}
     args = train.parse_args(['--cfg', 'sndcgan'])
     assert (args.n_dis, args.beta1, args.beta2, args.channel_base, args.channel_max) == (1, 0.5, 0.999, 2048, 512)
 
