@@ -433,6 +433,16 @@ def _no_tf32():  # full fp32 on GPUs: PPL's differences (~1e-4 of the image) wou
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
+@contextlib.contextmanager
+def _eval_mode(*nets):  # batch norm's running stats and spectral norm's power iteration (u, v) stay as training left them
+    modes = [(m, m.training) for net in nets for m in net.modules()]
+    try:
+        yield [net.eval() for net in nets]
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _fork_rng(device):  # seeding per chunk must not change the caller's RNG stream (a resumed training relies on it)
     device = torch.device(device)
     return torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [])
@@ -577,8 +587,9 @@ def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_g
     device = torch.device(device)
     log = log if rank == 0 else (lambda *_: None)
     specs = {name: _parse(name, num_gen, len(dataset)) for name in names}
-    # Inception runs in full fp32 (no TF32), as the reference numbers; G and D in fp32 unless amp says otherwise
-    with torch.no_grad(), _no_tf32(), _fork_rng(device):
+    # Inception runs in full fp32 (no TF32), as the reference numbers; G and D in fp32 unless amp says otherwise;
+    # G and D in eval mode: evaluating must not change what training continues with
+    with torch.no_grad(), _no_tf32(), _fork_rng(device), _eval_mode(G, D):
         inception = None
         if any(kind in _INCEPTION for kind, _, _ in specs.values()):
             try:

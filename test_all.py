@@ -4125,3 +4125,18 @@ def test_logged_diagnostics_equal_their_definitions(tmp_path, monkeypatch):
     assert line['D/acc'] == pytest.approx(want['acc'], rel=1e-3) and line['D/std'] == pytest.approx(want['std'], rel=1e-3)
     assert line['G/grad'] == pytest.approx(norms['Generator'][0], rel=1e-3)
     assert line['D/grad'] == pytest.approx(norms['Discriminator'][0], rel=1e-3)
+
+
+def test_evaluation_in_the_loop_leaves_spectral_norm_and_training_unchanged(tmp_path):
+    """A mid-run metric evaluation runs D in eval mode: no extra power iterations of spectral norm's u, v
+    (they would change every later step), and D is back in training mode after it: the run equals one
+    without metrics."""
+    flags = ['--kimg', '0.032', '--snap-kimg', '0.032']
+    plain = load(f'{run_sn(tmp_path, "sndcgan", *flags, name="plain")}/ckpt-0000004.pt')
+    measured = run_sn(tmp_path, 'sndcgan', *flags, '--metrics', 'di,fddf', '--num-gen', '64', '--metrics-kimg', '0.016',
+                      name='measured')
+    assert [r['kimg'] for r in map(json.loads, open(f'{measured}/log.jsonl')) if 'metrics' in r] == [0.016, 0.032]
+    ck = load(f'{measured}/ckpt-0000004.pt')
+    for net in ('G', 'D'):
+        for k, v in plain[net].items():
+            assert torch.equal(v, ck[net][k]), (net, k)
