@@ -436,8 +436,10 @@ def _no_tf32():  # full fp32 on GPUs: PPL's differences (~1e-4 of the image) wou
 @contextlib.contextmanager
 def _eval_mode(*nets):  # batch norm's running stats and spectral norm's power iteration (u, v) stay as training left them
     modes = [(m, m.training) for net in nets for m in net.modules()]
+    for net in nets:
+        net.eval()
     try:
-        yield [net.eval() for net in nets]
+        yield
     finally:
         for m, training in modes:
             m.training = training
@@ -750,7 +752,11 @@ def read_log(log):
 
 def run_name(log, seeds=False):  # the run folder; seeds: without its '-s<seed>' suffix (runs that differ only by seed)
     run = os.path.basename(os.path.dirname(os.path.abspath(log)))
-    return re.sub(r'-s\d+$', '', run) if seeds else run
+    return _unseeded(run) if seeds else run
+
+
+def _unseeded(run):  # 'sngan-nonsat-s2' -> 'sngan-nonsat': the name shared by runs that differ only by seed
+    return re.sub(r'-s\d+$', '', run)
 
 
 def plot_logs(logs, keys, path, title='', seeds=False, beside=None):
@@ -782,11 +788,12 @@ def summarize(log):
     every metric evaluation (kimg and values), the last one also as 'final'."""
     rows = read_log(log)
     evals = [r for r in rows if 'sec_per_kimg' not in r]  # the metric lines
-    train, kimg, last = [r for r in rows if 'sec_per_kimg' in r], 0.0, 0.0
-    for r in train:
-        kimg, last = kimg + (r['kimg'] - last) * r['sec_per_kimg'], r['kimg']
+    seconds, last = 0.0, 0.0
+    for r in rows:
+        if 'sec_per_kimg' in r:  # a log line: its sec/kimg over the kimg since the previous one
+            seconds, last = seconds + (r['kimg'] - last) * r['sec_per_kimg'], r['kimg']
     snaps = [{k: v for k, v in r.items() if k not in ('step', 'seconds')} for r in evals]
-    return dict(run=run_name(log), kimg=last, train_seconds=round(kimg, 1),
+    return dict(run=run_name(log), kimg=last, train_seconds=round(seconds, 1),
                 metric_seconds=round(sum(r.get('seconds', 0) for r in evals), 1), snapshots=snaps, final=snaps[-1] if snaps else {})
 
 
@@ -794,7 +801,7 @@ def table(summaries, keys):
     """Markdown rows 'run | seeds | mean +- std of each key's final value' over the runs that differ only by seed."""
     groups = {}
     for sm in summaries:
-        groups.setdefault(re.sub(r'-s\d+$', '', sm['run']), []).append(sm['final'])
+        groups.setdefault(_unseeded(sm['run']), []).append(sm['final'])
     rows = []
     for run, finals in groups.items():
         cells = []

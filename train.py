@@ -729,11 +729,12 @@ def train(args, rank, world, device, init=None):
                                fid_weights=args.fid_weights, cache_dir=os.path.join(args.out, 'cache'),
                                seed=args.seed, amp=args.amp, log=lambda s: print0(s, rank=rank),
                                worker_init_fn=data.leave_stop_signals_to_main)
+        seconds = time.time() - t0
         if logf:
-            logf.write(json.dumps(dict(kimg=round(nimg / 1000, 3), step=step, metrics=res, seconds=round(time.time() - t0, 1))) + '\n')
+            logf.write(json.dumps(dict(kimg=round(nimg / 1000, 3), step=step, metrics=res, seconds=round(seconds, 1))) + '\n')
             logf.flush()
-        print0(f'metrics at kimg {nimg / 1000:.2f} ({time.time() - t0:.1f} s): {json.dumps(res)}', rank=rank)
-        return time.time() - t0
+        print0(f'metrics at kimg {nimg / 1000:.2f} ({seconds:.1f} s): {json.dumps(res)}', rank=rank)
+        return seconds
 
     metrics_due = lambda: names and (due(args.metrics_kimg or args.snap_kimg) or nimg >= total)
     log_path = os.path.join(args.out, 'log.jsonl')
