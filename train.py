@@ -42,9 +42,9 @@ import model
 # paper's CIFAR-10 networks and Adam settings (Miyato et al. 2018: SN-DCGAN with Table 1's setting C,
 # the ResNet with lr 2e-4, betas (0, 0.9), 5 D steps per G step), '-cpu': narrower versions for CPUs.
 # 'quick' (README's first command): sndcgan-cpu with an EMA generator for 75 kimg (its SWD plateaus there).
-STYLEGAN2 = dict(arch='stylegan2', z_dim=512, w_dim=512, style_mix=0.9, beta1=0.0, beta2=0.99, n_dis=1)
+STYLEGAN2 = dict(arch='stylegan2', z_dim=512, w_dim=512, style_mix=0.9, beta1=0.0, beta2=0.99, n_dis=1, lr_decay_kimg=0)
 SN = dict(z_dim=128, w_dim=None, map_layers=None, mbstd_group=None, style_mix=0.0, pl_weight=0, gamma=0, ema_kimg=0,
-          ema_rampup=0, lr=0.0002, batch=64, resolution=32)  # no mapping, minibatch-std, mixing, path length, R1, EMA
+          ema_rampup=0, lr=0.0002, lr_decay_kimg=0, batch=64, resolution=32)  # no mapping, minibatch-std, mixing, path length, R1, EMA
 PAPER256 = dict(STYLEGAN2, resolution=256, channel_base=16384, channel_max=512, map_layers=8, batch=64, lr=0.0025, gamma=1,
                 ema_kimg=20, ema_rampup=0, pl_weight=2, mbstd_group=8, kimg=25000, snap_kimg=50, metrics='fid50k_full,di')
 SNDCGAN_CPU = dict(SN, arch='sndcgan', channel_base=512, channel_max=128, beta1=0.5, beta2=0.999, n_dis=1, kimg=100,
@@ -118,6 +118,7 @@ def make_parser():
     a('--warmup-kimg', type=float, help='contrastive: non-saturating warm-up length (default: 20 epochs of the data)')
     a('--batch', type=int, help='global batch size (split across processes)')
     a('--lr', type=float, help='Adam learning rate of G and D')
+    a('--lr-decay-kimg', type=float, help='decay the lr linearly to 0 over the last N kimg of the run (0: constant)')
     a('--beta1', type=float, help='Adam beta1 (stylegan2: 0, sndcgan: 0.5, sngan: 0)')
     a('--beta2', type=float, help='Adam beta2 (stylegan2: 0.99, sndcgan: 0.999, sngan: 0.9)')
     a('--n-dis', type=int, help='D steps per G step (sngan: 5, others: 1)')
@@ -196,6 +197,8 @@ def check_args(args, world, device):
             raise UserError(f'{flag} {value} must be at least {low}')
     if not args.lr > 0:
         raise UserError(f'--lr {args.lr:g} must be positive')
+    if not 0 <= args.lr_decay_kimg <= args.kimg:
+        raise UserError(f'--lr-decay-kimg {args.lr_decay_kimg:g} must lie in [0, --kimg {args.kimg:g}]')
     if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
         raise UserError(f'--beta1 {args.beta1:g} and --beta2 {args.beta2:g} must lie in [0, 1)')
     if not args.kimg > 0:
@@ -256,6 +259,14 @@ def init_distributed(device_flag):
         torch.cuda.set_device(local)
     dist.init_process_group('nccl' if cuda else 'gloo')
     return dist.get_rank(), dist.get_world_size(), torch.device(f'cuda:{local}' if cuda else 'cpu')
+
+
+def lr_scale(nimg, total, decay_kimg):
+    """The lr's factor after nimg of total images: 1, then linearly to 0 over the last decay_kimg (the
+    SNGAN authors' chainer code decays Adam's alpha linearly to 0 over the whole run)."""
+    if decay_kimg <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (total - nimg) / (decay_kimg * 1000)))
 
 
 def phase_step(net, opt, scaler, loss, world):
@@ -540,9 +551,14 @@ def train(args, rank, world, device, init=None):
                             f'{" ".join(str(e).split())[:200]}); use another --out') from None
         print0(f'resumed {resume} at kimg {nimg / 1000:.3f} (step {step})', rank=rank)
         del ckpt
-    for opt, c in ((opt_G, c_G), (opt_D, c_D)):  # lazy regularisation; after a resume the flags win (e.g. a lower --lr)
-        for group in opt.param_groups:
-            group.update(lr=args.lr * c, betas=(args.beta1 ** c, args.beta2 ** c))
+    total = int(args.kimg * 1000)
+
+    def set_lr(nimg):  # lazy regularisation and the decay; after a resume the flags win (e.g. a lower --lr)
+        scale = lr_scale(nimg, total, args.lr_decay_kimg)
+        for opt, c in ((opt_G, c_G), (opt_D, c_D)):
+            for group in opt.param_groups:
+                group.update(lr=args.lr * c * scale, betas=(args.beta1 ** c, args.beta2 ** c))
+    set_lr(nimg)
     G_main = torch.compile(G) if args.compile else G  # double-backward phases use the eager modules
     D_main = torch.compile(D) if args.compile else D
 
@@ -703,7 +719,6 @@ def train(args, rank, world, device, init=None):
         return 0
 
     # The loop
-    total = int(args.kimg * 1000)
     due = lambda kimg: nimg // max(1, round(kimg * 1000)) > (nimg - B) // max(1, round(kimg * 1000))  # crossed a multiple
     names = [m for m in args.metrics.split(',') if m and m != 'none']
     ctl = dist.new_group(backend='gloo') if world > 1 else None  # host-side flags, no device sync
@@ -756,7 +771,8 @@ def train(args, rank, world, device, init=None):
         n_log = nimg
         eta = (total - nimg) / max(ips, 1e-8)
         line = dict(kimg=round(nimg / 1000, 3), step=step, sec_per_kimg=round(1000 / max(ips, 1e-8), 2),
-                    img_per_sec=round(ips, 2), mem_gb=round(peak_memory_gb(device), 3), **{k: round(v, 4) for k, v in vals.items()})
+                    img_per_sec=round(ips, 2), mem_gb=round(peak_memory_gb(device), 3),
+                    lr=float(f'{args.lr * lr_scale(nimg, total, args.lr_decay_kimg):.4g}'), **{k: round(v, 4) for k, v in vals.items()})
         print0(f'kimg {nimg / 1000:8.2f} | sec/kimg {line["sec_per_kimg"]:7.2f} | img/s {ips:7.1f} | ETA {fmt_time(eta)} | '
                + ' '.join(f'{k} {v:.3f}' for k, v in vals.items()) + f' | mem {line["mem_gb"]:.2f} GB', rank=rank)
         if logf:
@@ -791,6 +807,7 @@ def train(args, rank, world, device, init=None):
                 if step > saved and finite():
                     checkpoint(step, nimg)
                 raise
+            set_lr(nimg)
             train_step(step, batch, ref_u8)
             step += 1
             nimg += B
