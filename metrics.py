@@ -807,7 +807,11 @@ def table(summaries, keys):
         cells = []
         for key in keys:
             v = np.array([f[key] for f in finals if key in f])
-            cells.append(f'{v.mean():.1f} +- {v.std():.1f}' if abs(v.mean()) >= 10 else f'{v.mean():.2f} +- {v.std():.2f}')
+            if not len(v):  # a metric these runs did not compute
+                cells.append('-')
+                continue
+            cell = f'{v.mean():.1f} +- {v.std():.1f}' if abs(v.mean()) >= 10 else f'{v.mean():.2f} +- {v.std():.2f}'
+            cells.append(cell + (f' ({len(v)} of {len(finals)} seeds)' if len(v) < len(finals) else ''))
         rows.append(f'| {run} | {len(finals)} | ' + ' | '.join(cells) + ' |')
     return '\n'.join([f'| run | seeds | {" | ".join(keys)} |', '| --- | --- |' + ' --- |' * len(keys)] + rows)
 
