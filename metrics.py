@@ -776,7 +776,7 @@ def plot_logs(logs, keys, path, title='', seeds=False, beside=None):
             if not xs:
                 continue
             v = np.array([[p[x] for x in xs] for p in pts])  # [runs, points]
-            label = f'{run} {key}' + (f' ({len(runs)} seeds)' if seeds else '')
+            label = f'{run} {key}' + (f' ({len(runs)} seed{"s" * (len(runs) > 1)})' if seeds else '')
             series.append((label, xs, v.mean(0)) + ((v.mean(0) - v.std(0), v.mean(0) + v.std(0)) if seeds else ()))
     if not series:
         raise ValueError(f'none of --keys {",".join(keys)} in {", ".join(logs)}; they hold {", ".join(sorted(seen))}')
