@@ -4115,9 +4115,10 @@ def test_backbone_flags_that_cannot_apply_stop_with_one_line(tmp_path, capsys):
     args = train.parse_args(['--cfg', 'sngan'])  # the SN paper's ResNet setting; the -cpu preset takes 1 D step per G step
     assert (args.n_dis, args.beta1, args.beta2, args.lr, args.z_dim, args.batch) == (5, 0.0, 0.9, 2e-4, 128, 64)
     assert train.parse_args(['--cfg', 'sngan-cpu']).n_dis == 1
-    quick, base = train.parse_args(['--cfg', 'quick']), train.parse_args(['--cfg', 'sndcgan-cpu'])  # + EMA and lr decay
+    quick, base = train.parse_args(['--cfg', 'quick']), train.parse_args(['--cfg', 'sndcgan-cpu'])  # + EMA, lr decay, batch
     assert (quick.arch, quick.ema_kimg, base.ema_kimg, quick.lr_decay_kimg, base.lr_decay_kimg) == ('sndcgan', 5, 0, 50, 0)
-    own = ('cfg', 'ema_kimg', 'ema_rampup', 'lr_decay_kimg', 'kimg', 'metrics_kimg')
+    assert (quick.batch, base.batch) == (32, 64)
+    own = ('cfg', 'batch', 'ema_kimg', 'ema_rampup', 'lr_decay_kimg', 'kimg', 'metrics_kimg')
     assert {k: v for k, v in vars(quick).items() if k not in own} == {k: v for k, v in vars(base).items() if k not in own}
     args = train.parse_args(['--cfg', 'sndcgan'])
     assert (args.n_dis, args.beta1, args.beta2, args.channel_base, args.channel_max) == (1, 0.5, 0.999, 2048, 512)
