@@ -1444,6 +1444,24 @@ def test_loader_mirror():
     other = torch.cat(_data_take(data.InfiniteLoader(ds, 25, seed=6, mirror=True, workers=0), 4))
     assert not torch.equal(flipped, other[:, 2, 0, 0] != 0)                 # the flips depend on the seed
 
+class _CountingData(_IndexedData):  # counts how often each item is made
+    def __init__(self, n):
+        super().__init__(n)
+        self.made = [0] * n
+    def __getitem__(self, i):
+        self.made[i] += 1
+        return super().__getitem__(i)
+
+def test_loader_keeps_a_small_data_set_and_yields_the_same_batches(monkeypatch):
+    kept = _CountingData(10)
+    a = _data_take(data.InfiniteLoader(kept, 4, seed=3, mirror=True, workers=0), 10)  # 4 epochs
+    assert kept.made == [1] * 10                                          # each item made once, then kept
+    monkeypatch.setattr(data, 'CACHE_BYTES', 10 * 48 - 1)                 # one byte short of the whole set
+    fresh = _CountingData(10)
+    b = _data_take(data.InfiniteLoader(fresh, 4, seed=3, mirror=True, workers=0), 10)
+    assert fresh.made == [4] * 10                                         # too large: made on every use
+    assert all(torch.equal(x, y) for x, y in zip(a, b))                   # the same batches, flips included
+
 def test_loader_workers_match_and_errors_are_one_line(tmp_path):
     ds = _IndexedData(9)
     w0 = _data_take(data.InfiniteLoader(ds, 4, seed=7, mirror=True, workers=0), 4)
