@@ -366,26 +366,30 @@ def lock_out(out, rank, world, device):
         try:
             os.makedirs(out, exist_ok=True)
             held = open(os.path.join(out, '.lock'), 'a+')  # 'a+': no truncation before the lock is ours
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            held.seek(0)
-            pid = held.read().strip() or '?'
-            held.close()
-            error = UserError(f'--out {out} is in use by another train.py (pid {pid}, still running): wait for it to '
-                              f'end, stop it, or choose another --out')
         except OSError as e:  # --out under a file, permissions: main() reports it
             error = e
         else:
-            held.seek(0)
-            held.truncate()
-            held.write(f'{os.getpid()}\n')
-            held.flush()
-            stale = glob.glob(os.path.join(glob.escape(out), '*.tmp'))
-            for tmp in stale:
-                os.remove(tmp)
-            if stale:
-                print(f'removed {len(stale)} partial file(s) a stopped run left: {", ".join(map(os.path.basename, stale))}',
-                      flush=True)
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.seek(0)
+                pid = held.read().strip() or '?'
+                held.close()
+                error = UserError(f'--out {out} is in use by another train.py (pid {pid}, still running): wait for it '
+                                  f'to end, stop it, or choose another --out')
+            except OSError as e:  # a file system without flock (some network ones): train, unguarded
+                print(f'warning: cannot lock {held.name} ({e.strerror}): nothing stops a second run on this --out',
+                      file=sys.stderr, flush=True)
+            else:
+                held.truncate(0)
+                held.write(f'{os.getpid()}\n')
+                held.flush()
+                stale = glob.glob(os.path.join(glob.escape(out), '*.tmp'))  # ours to remove: no other writer
+                for tmp in stale:
+                    os.remove(tmp)
+                if stale:
+                    print(f'removed {len(stale)} partial file(s) a stopped run left: '
+                          f'{", ".join(map(os.path.basename, stale))}', flush=True)
     if world > 1:  # every process leaves when rank 0 could not lock
         ok = torch.tensor(float(error is None), device=device)
         dist.broadcast(ok, 0)
