@@ -229,6 +229,23 @@ def _to_rgb(im):
         im = Image.alpha_composite(white, im.convert('RGBA'))
     return im.convert('RGB')     # L, 1, YCbCr, CMYK (Pillow now uses R = 255 (1 - C)(1 - K), the standard formula), ...
 
+def _walk(path):
+    """Files under a folder, relative, '/'-separated. Links are followed, but each real folder is read
+    once: a link loop (x/up -> ..) would otherwise repeat the images until the path length limit."""
+    seen, names, skipped = {os.path.realpath(path)}, [], []
+    for d, dirs, fs in os.walk(path, followlinks=True):
+        for sub in list(dirs):  # top-down: pruning `dirs` in place stops the walk from entering them
+            real = os.path.realpath(os.path.join(d, sub))
+            if real in seen:
+                dirs.remove(sub)
+                skipped.append(os.path.relpath(os.path.join(d, sub), path))
+            seen.add(real)
+        names += [os.path.relpath(os.path.join(d, f), path).replace(os.sep, '/') for f in fs]
+    if skipped:
+        print(f'data: skipped {len(skipped)} linked folder(s) under {path} already read through another path '
+              f'(a link loop or a second link): {_few(skipped)}', file=sys.stderr)
+    return names
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images under a folder (recursive) or in a .zip, in sorted path order; centre crop, LANCZOS resize.
     labels=True: class labels from dataset.json or the first-level subfolders (read_labels)."""
@@ -243,8 +260,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if self.is_zip and not zipfile.is_zipfile(path):
             raise DataError(f'--data {path} is a file but not a .zip archive; point --data at a folder or .zip of images')
         self._zip, self._zip_pid, self._warned, self.num_skipped = None, None, set(), 0
-        names = self._zipfile().namelist() if self.is_zip else \
-            [os.path.relpath(os.path.join(d, f), path).replace(os.sep, '/') for d, _, fs in os.walk(path, followlinks=True) for f in fs]
+        names = self._zipfile().namelist() if self.is_zip else _walk(path)
         # skip hidden files and folders (.ipynb_checkpoints holds copies) and macOS zip debris (__MACOSX/, ._x.png)
         names = sorted(n for n in names if n.lower().endswith(_EXTS) and not any(p.startswith(('.', '__MACOSX')) for p in n.split('/')))
         if not names:
@@ -510,7 +526,22 @@ def save_grid(images, path, cols=None, zoom=1):
     grid = torch.zeros(rows * cols, 3, h, w, dtype=torch.uint8)                  # empty cells stay black
     grid[:n] = images
     grid = grid.view(rows, cols, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 3)  # [rows H, cols W, 3]
-    Image.fromarray(grid.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1).numpy()).save(path)
+    img = Image.fromarray(grid.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1).numpy())
+    atomic_write(path, lambda f: img.save(f, format='PNG'))
+
+def atomic_write(path, write, mode='wb'):
+    """write(f) into path + '.tmp', on disk (fsync), then renamed over path: a crash, a full disk or a
+    kill leaves the old file (or none), never a partial one. The tmp file is removed on any failure."""
+    tmp = os.fspath(path) + '.tmp'
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # also after a Ctrl-C that stops at once
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 # ----------------------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ SWD, DI and FDDF need no downloaded weights. FID/KID/PR/PPL need pytorch-fid's I
 the environment variable METRICS_NO_DOWNLOAD is set); without them those metrics say so in one line.
 
     python metrics.py CKPT --metrics fid50k_full,swd,di [--data PATH] [--fid-weights PATH] [--num-gen N]
+    python metrics.py CKPT --metrics swd2k,di2k       # offline: no download
     torchrun --nproc_per_node=8 metrics.py CKPT --metrics fid50k_full
 """
 import contextlib
@@ -733,6 +734,8 @@ def plot_curves(series, path, title='', xlabel='kimg', size=(720, 400), beside=N
     for k, (label, sx, sy, *band) in enumerate(series):
         c = colours[k % len(colours)]
         d.line([(px(x), py(y)) for x, y in zip(sx, sy)], fill=c, width=2)
+        if len(sx) == 1:  # one evaluation: a line of one point draws nothing
+            d.ellipse([px(sx[0]) - 3, py(sy[0]) - 3, px(sx[0]) + 3, py(sy[0]) + 3], fill=c)
         d.text((W - R + 10, T + 16 * k), label, fill=c)
     d.text((L, 8), title, fill='black')
     d.text(((W - R + L) // 2 - 10, H - 16), xlabel, fill='black')
@@ -823,6 +826,10 @@ def _flat(d, prefix=''):  # {'swd2k': {'avg': 1}} -> {'swd2k/avg': 1}
     return out
 
 
+OFFLINE = ('swd2k, di2k and fddf2k need no download (the count in the name: swd10k, di, fddf5k; '
+           '_full = all real images)')
+
+
 def main():
     import argparse
     import data  # only the CLI needs the other files
@@ -841,7 +848,7 @@ def main():
     p.add_argument('--out', default='curves.png', help='--plot: output PNG')
     p.add_argument('--metrics', default='fid50k_full',
                    help='comma-separated: fid50k_full, fid10k, kid50k_full, pr50k3_full, ppl2_wend (ppl_wend: with '
-                        "StyleGAN's face crop), swd, di, fddf")
+                        f"StyleGAN's face crop), which need the Inception weights; {OFFLINE}")
     p.add_argument('--data', help='dataset folder or zip (default: the checkpoint\'s own --data)')
     p.add_argument('--max-images', type=int, help='real images: the first N of the dataset (default: the '
                    'checkpoint\'s own --max-images; e.g. 50000 scores a limited-data run against the whole built-in set)')
@@ -899,7 +906,7 @@ def main():
     if world_size > 1:
         dist.destroy_process_group()
     if not results:
-        raise SystemExit('error: no metric could be computed (the reason is printed above)')
+        raise SystemExit(f'error: no metric could be computed (the reason is printed above); {OFFLINE}')
 
 
 if __name__ == '__main__':

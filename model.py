@@ -798,6 +798,8 @@ def read_checkpoint(path, device='cpu'):
         with open(path, 'rb') as f:
             if f.read(1) == b'\x80':
                 return read_network_pickle(path)
+    elif os.path.isfile(path):
+        verify_zip(path)
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -808,6 +810,22 @@ def read_checkpoint(path, device='cpu'):
     if not isinstance(ckpt, dict) or 'args' not in ckpt or 'G_ema' not in ckpt:
         raise ValueError(f'{path} is not a checkpoint of this project; pass a ckpt-*.pt written by train.py')
     return ckpt
+
+
+def verify_zip(path):
+    """torch.load does not check the CRC-32 of each member of a checkpoint's zip: flipped bytes inside a
+    tensor load silently (and a resume then fails on something else). Read every member against its
+    CRC once; ValueError in one line naming the file when one fails."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # the first member whose CRC does not match, or None
+    except Exception as e:  # a damaged directory or header: BadZipFile, EOFError, zlib.error, ...
+        bad = f'its zip structure is damaged: {type(e).__name__}: {" ".join(str(e).split())[:80]}'
+    else:
+        bad = bad and f'{bad} fails its CRC-32 check'
+    if bad:
+        raise ValueError(f'checkpoint {path} is corrupt ({bad}): a damaged copy; use an earlier checkpoint '
+                         f'(train.py --resume auto falls back to one by itself)')
 
 
 def load_checkpoint(path, device='cpu'):
@@ -1238,13 +1256,17 @@ def main(argv=None):
         for name, g, d, gf, df in complexity_table(a.resolution, a.channel_base):
             print(f'{name:18s} {g:8.2f}M {d:8.2f}M {g + d:7.2f}M {gf:9.2f} {df:9.2f}')
         return
+    import data  # only the command line needs it (PNG grids, atomic writes)
     if a.convert:
         if len(a.ckpt) > 1:
             raise SystemExit('error: --convert takes one network pickle')
         ckpt = read_checkpoint(a.ckpt[0])
         save = {k: ckpt[k] for k in ('G', 'D', 'G_ema', 'args', 'step', 'nimg')}
-        torch.save(save, a.convert + '.tmp')
-        os.replace(a.convert + '.tmp', a.convert)  # never a half-written file
+        try:  # atomic_write: never a half-written file, no .tmp left behind
+            data.atomic_write(a.convert, lambda f: torch.save(save, f))
+        except (OSError, RuntimeError) as e:  # no such folder, permissions, a full disk
+            raise SystemExit(f'error: could not write {a.convert} ({" ".join(str(e).split())[:160]}): check the '
+                             f'path and the free space') from None
         print(f'wrote {a.convert} (networks only: train.py --init {a.convert} fine-tunes from it)')
         return
     plain = not (a.move or a.heatmap_centers or a.attn_maps)
@@ -1252,7 +1274,6 @@ def main(argv=None):
         raise SystemExit('error: --move, --heatmap-centers and --attn-maps take one checkpoint; several only sample')
     if a.steps < 1:
         raise SystemExit(f'error: --steps {a.steps} must be at least 1')
-    import data  # only the command line needs it (PNG grids)
     dev, seeds, rows = torch.device(a.device), a.seeds, []
     for path in a.ckpt:
         G = load_checkpoint(path, dev)['G_ema']

@@ -1625,6 +1625,45 @@ def test_data_save_grid(tmp_path):
     assert np.asarray(Image.open(tmp_path / 's.png')).shape == (4 * 16, 8 * 16, 3)
 
 
+
+def test_atomic_writes_leave_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
+    """Grids (and checkpoints, conversions, the trimmed log) go through data.atomic_write: a write that fails
+    half-way (a full disk) leaves the previous file as it was and no .tmp behind."""
+    imgs = torch.stack([data.SyntheticShapes(16, 4)[i] for i in range(4)])
+    path = str(tmp_path / 'fakes.png')
+    data.save_grid(imgs, path)
+    before = open(path, 'rb').read()
+
+    def full_disk(self, f, *a, **k):
+        f.write(b'\x89PNG half an image')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(Image.Image, 'save', full_disk)
+    with pytest.raises(OSError, match='No space left'):
+        data.save_grid(imgs.flip(0), path)
+    assert open(path, 'rb').read() == before and os.listdir(tmp_path) == ['fakes.png']
+    monkeypatch.undo()
+    data.atomic_write(path, lambda f: f.write(b'new'))  # a write that completes replaces the file
+    assert open(path, 'rb').read() == b'new' and os.listdir(tmp_path) == ['fakes.png']
+
+
+def test_symlinked_folders_are_read_once(tmp_path, capsys):
+    """Links are followed, but a folder reached twice (a loop, or two links to one folder) is read once and
+    the skipped links are counted; a link to another folder adds its images."""
+    root, other = tmp_path / 'imgs', tmp_path / 'other'
+    (root / 'sub').mkdir(parents=True)
+    other.mkdir()
+    for i, folder in enumerate([root, root, root / 'sub', other, other]):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(folder / f'{i}.png')
+    os.symlink('..', root / 'sub' / 'up')       # a loop: sub/up/sub/up/... would repeat the images
+    os.symlink(root, root / 'again')            # a second path to the same folder
+    os.symlink(other, root / 'more')            # a link elsewhere: followed
+    os.symlink(other, root / 'sub' / 'more2')   # ... but only once
+    ds = data.ImageFolderDataset(str(root), 16)
+    assert sorted(ds.names) == ['0.png', '1.png', 'more/3.png', 'more/4.png', 'sub/2.png'] and len(ds) == 5
+    err = capsys.readouterr().err
+    assert 'skipped 3 linked folder(s)' in err and 'sub/up' in err, err
+
+
 # ==============================================================================================
 # metrics.py
 
@@ -2125,7 +2164,8 @@ def test_cli_prints_one_json_line(monkeypatch, capsys):
     for extra, needle in [(['--batch', '10'], "--batch 10 is not a multiple of this D's minibatch-std group 4"),
                           (['--batch', '0'], '--batch 0 must be at least 1'), (['--num-gen', '0'], '--num-gen 0 must be'),
                           (['--amp', 'fp16'], '--amp fp16 is for CUDA GPUs'),  # emulated on the CPU: 50x slower
-                          (['--metrics', 'fid10k', '--fid-weights', 'nowhere.pth'], 'no metric could be computed')]:
+                          (['--metrics', 'fid10k', '--fid-weights', 'nowhere.pth'],
+                           'no metric could be computed (the reason is printed above); swd2k, di2k and fddf2k need no')]:
         monkeypatch.setattr(sys, 'argv', argv + extra)
         with pytest.raises(SystemExit) as e:
             metrics.main()
@@ -2146,6 +2186,25 @@ def test_plot_logs_draws_each_curve(tmp_path):
     with pytest.raises(ValueError, match='none of --keys G/loss .* they hold D/fake_max, D/real_min, di, swd/avg$'):
         metrics.plot_logs([str(run / 'log.jsonl')], ['G/loss'], str(tmp_path / 'q.png'))
     metrics.plot_logs([str(run / 'log.jsonl')], ['di', 'swd/avg'], str(tmp_path / 'm.png'))  # metric lines, flattened
+
+
+
+def test_plot_of_a_single_evaluation_draws_the_point(tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'log.jsonl').write_text(json.dumps({'kimg': 5, 'step': 9, 'metrics': {'swd2k': {'avg': 70.0}}}) + '\n')
+    metrics.plot_logs([str(run / 'log.jsonl')], ['swd2k/avg'], str(tmp_path / 'p.png'))
+    img = np.asarray(Image.open(tmp_path / 'p.png'))[28:400 - 36, 56:720 - 200]  # the plot's frame, not the legend
+    assert (img == (31, 119, 180)).all(-1).sum() >= 9
+
+
+def test_metrics_help_and_error_name_the_offline_metrics(monkeypatch, capsys):
+    monkeypatch.setattr(sys, 'argv', ['metrics.py', '--help'])
+    with pytest.raises(SystemExit):
+        metrics.main()
+    out = capsys.readouterr().out
+    assert all(m in out for m in ('swd2k', 'di2k', 'fddf2k', 'swd10k', '_full')), out
+    assert 'swd2k, di2k and fddf2k need no download' in metrics.OFFLINE  # the error's tail (test_cli_prints_one_json_line)
 
 
 def test_seed_bands_summaries_and_tables_over_runs(tmp_path):
@@ -2801,6 +2860,116 @@ def test_bad_flags_and_checkpoints_give_one_line_errors(tmp_path, capsys):
     expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 's'), '--resume', str(bad)], 'cannot read checkpoint')
     torch.save({'state_dict': {}}, bad)
     expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 's'), '--resume', str(bad)], 'not a checkpoint of this project')
+
+
+
+def test_every_numeric_flag_is_finite_and_in_range_and_blamed_on_itself(tmp_path, capsys):
+    out = str(tmp_path / 'r')
+    for flag, value, want, extra in [
+            ('--snap-kimg', 'nan', 'be finite and positive', []), ('--snap-kimg', '0', 'be positive', []),
+            ('--snap-kimg', '-1', 'be positive', []), ('--metrics-kimg', '0', 'be positive', []),
+            ('--kimg', '-1', 'be positive', []), ('--kimg', 'nan', 'be finite and positive', []),
+            ('--lr', 'inf', 'be finite and positive', []), ('--lr', 'nan', 'be finite and positive', []),
+            ('--lr-decay-kimg', '-1', 'lie in [0, --kimg 10]', []), ('--beta2', 'nan', 'be finite and lie in [0, 1)', []),
+            ('--gamma', '-1', 'be at least 0', []), ('--gamma', 'inf', 'be finite and at least 0', []),
+            ('--pl-weight', '-2', 'be at least 0', []), ('--style-mix', '2', 'lie in [0, 1]', []),
+            ('--style-mix', '-0.1', 'lie in [0, 1]', []), ('--ema-kimg', '-1', 'be at least 0', []),
+            ('--ema-rampup', 'nan', 'be finite and at least 0', []), ('--log-sec', '-1', 'be at least 0', []),
+            ('--max-images', '0', 'be at least 1', []), ('--channel-base', '0', 'be at least 1', []),
+            ('--map-layers', '0', 'be at least 1', []), ('--bench-steps', '-1', 'be at least 0', []),
+            ('--align-weight', '-1', 'be at least 0', ['--sel', 'norm']),
+            ('--align-tau', '1.5', 'lie in [0, 1]', ['--sel', 'norm']),
+            ('--warmup-kimg', '-1', 'be at least 0', ['--loss', 'contrastive']),
+            ('--num-gen', '0', 'be at least 1', ['--metrics', 'swd'])]:
+        err = expect_error(capsys, TINY_FLAGS + ['--out', out, *extra, flag, value], f'{flag} {value} must {want}')
+        assert err.count('--') == 1 + want.count('--'), err  # no other flag blamed
+    assert not os.path.exists(out)
+
+
+def test_a_presets_lr_decay_follows_kimg_but_an_explicit_one_must_fit(tmp_path, capsys):
+    """quick decays the lr over the last 50 of its 75 kimg: the same share of a shorter or longer run."""
+    assert train.parse_args(['--cfg', 'quick']).lr_decay_kimg == 50
+    short = train.parse_args(['--cfg', 'quick', '--kimg', '1'])
+    assert short.lr_decay_kimg == pytest.approx(2 / 3)
+    train.check_args(short, 1, torch.device('cpu'))  # no error
+    assert train.parse_args(['--cfg', 'quick', '--kimg', '150']).lr_decay_kimg == pytest.approx(100)
+    assert train.parse_args(['--cfg', 'quick', '--kimg', '1', '--lr-decay-kimg', '0']).lr_decay_kimg == 0
+    assert train.parse_args(['--cfg', 'cpu', '--kimg', '1']).lr_decay_kimg == 0
+    expect_error(capsys, ['--cfg', 'quick'] + SN_FLAGS + ['--out', str(tmp_path / 'q'), '--kimg', '1', '--lr-decay-kimg', '50'],
+                 '--lr-decay-kimg 50 must lie in [0, --kimg 1]')
+    assert '--cfg quick' in train.__doc__.split('python train.py')[1]  # --help leads with README's first command
+
+
+def test_one_writer_per_run_and_no_stale_lock_after_kill(tmp_path, capsys):
+    """A second train.py on the same --out is refused while the first lives, naming its pid; after the first
+    is killed with SIGKILL the kernel has dropped its lock and a run takes the folder, removing the partial
+    files the killed one left."""
+    out = str(tmp_path / 'run')
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time, train; lock = train.lock_out(sys.argv[1], 0, 1, "cpu"); '
+                               'print("locked", flush=True); time.sleep(600)', out], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        expect_error(capsys, TINY_FLAGS + ['--out', out, '--kimg', '0.008'], f'--out {out} is in use', f'pid {holder.pid}')
+        assert not glob.glob(f'{out}/ckpt-*')
+    finally:
+        holder.kill()  # SIGKILL: no clean-up in the holder
+        holder.wait()
+    open(f'{out}/ckpt-0000007.pt.tmp', 'wb').write(b'half a checkpoint')
+    run_train(tmp_path, '--kimg', '0.008', name='run')
+    assert glob.glob(f'{out}/ckpt-*') == [f'{out}/ckpt-0000001.pt'] and 'removed 1 partial file' in capsys.readouterr().out
+    assert open(f'{out}/.lock').read() == f'{os.getpid()}\n'
+
+
+def flip_bytes(path, n=64):
+    """Flip n bytes inside the data of the largest member of a checkpoint's zip (a tensor): torch.load alone reads it."""
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    raw = bytearray(open(path, 'rb').read())
+    start = info.header_offset + 30 + int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], 'little') \
+        + int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], 'little')  # past the local header
+    for i in range(start, start + n):
+        raw[i] ^= 0xFF
+    open(path, 'wb').write(raw)
+
+
+def test_corrupt_checkpoints_are_refused_and_resume_auto_falls_back(tmp_path, capsys):
+    out = run_train(tmp_path, '--kimg', '0.016', '--snap-kimg', '0.008', '--keep', '5')
+    first, last = f'{out}/ckpt-0000001.pt', f'{out}/ckpt-0000002.pt'
+    flip_bytes(last)
+    load(last)  # torch.load alone does not notice
+    with pytest.raises(ValueError, match='ckpt-0000002.pt is corrupt .*fails its CRC-32 check'):
+        model.load_checkpoint(last)  # model.py and metrics.py
+    expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'other'), '--resume', last], 'ckpt-0000002.pt is corrupt')
+    run_train(tmp_path, '--kimg', '0.024', '--snap-kimg', '0.008', '--keep', '5')  # --resume auto
+    std = capsys.readouterr()
+    assert f'warning: {last} is corrupt' in std.err and f'resumed {first} at kimg 0.008' in std.out
+    assert os.path.isfile(last + '.corrupt')  # kept, renamed aside
+    assert [load(p)['step'] for p in sorted(glob.glob(f'{out}/ckpt-*.pt'))] == [1, 2, 3]
+    for p in glob.glob(f'{out}/ckpt-*.pt'):
+        flip_bytes(p)
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--kimg', '0.032', '--snap-kimg', '0.008'], 'every checkpoint in')
+
+
+def test_done_reports_the_time_of_the_whole_run_and_the_eta_is_never_negative(tmp_path, capsys, monkeypatch):
+    """The checkpoint keeps the run's seconds so far; a resume adds to them (a checkpoint without them, from
+    before, still loads); the ETA (total - seen images at the smoothed speed) is never negative, also when
+    the last batch goes past --kimg."""
+    out = run_train(tmp_path, '--kimg', '0.008')
+    ck = load(f'{out}/ckpt-0000001.pt')
+    assert 0 < ck['seconds'] < 600
+    torch.save(dict(ck, seconds=3600.0), f'{out}/ckpt-0000001.pt')  # an hour already spent
+    capsys.readouterr()
+    etas = []
+    real_fmt = train.fmt_time
+    monkeypatch.setattr(train, 'fmt_time', lambda s: etas.append(s) or real_fmt(s))
+    run_train(tmp_path, '--kimg', '0.012')  # two more steps of 8: the last one ends at 16 of 12 images
+    assert re.search(r'done: 0.02 kimg in 1:00:\d\d \(0:00:\d\d since the resume\)', capsys.readouterr().out)
+    assert load(f'{out}/ckpt-0000002.pt')['seconds'] > 3600 and min(etas) >= 0 and len(etas) >= 3
+    ck = load(f'{out}/ckpt-0000002.pt')
+    del ck['seconds']
+    torch.save(ck, f'{out}/ckpt-0000002.pt')  # a checkpoint written before the seconds were kept
+    run_train(tmp_path, '--kimg', '0.02')
+    assert re.search(r'done: 0.02 kimg in 0:00:\d\d; checkpoints', capsys.readouterr().out)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
@@ -3783,6 +3952,29 @@ def test_official_pickle_through_the_command_lines(tmp_path, capsys):
         metrics.main()
     monkey.undo()
     assert 'pass --data' in capsys.readouterr().err
+
+
+
+def test_convert_to_an_unwritable_path_or_a_full_disk_says_so_in_one_line(tmp_path, monkeypatch):
+    G, D = tiny()
+    src, dst = str(tmp_path / 'ckpt.pt'), str(tmp_path / 'conv.pt')
+    torch.save(dict(G=G.state_dict(), D=D.state_dict(), G_ema=G.state_dict(), args={**TINY, 'arch': 'stylegan2'},
+                    step=0, nimg=0), src)
+    with pytest.raises(SystemExit, match=r'^error: could not write .*nowhere/conv.pt .*No such file'):
+        model.main([src, '--convert', str(tmp_path / 'nowhere' / 'conv.pt')])
+    open(dst, 'wb').write(b'an older conversion')
+    real_save = torch.save
+
+    def full_disk(obj, f):
+        f.write(b'PK half a checkpoint')
+        raise RuntimeError('PytorchStreamWriter failed writing file data/0: file write failed')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(SystemExit, match=r'^error: could not write .*conv.pt \(PytorchStreamWriter failed'):
+        model.main([src, '--convert', dst])
+    assert open(dst, 'rb').read() == b'an older conversion' and sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'conv.pt']
+    monkeypatch.setattr(torch, 'save', real_save)
+    model.main([src, '--convert', dst])
+    assert model.load_checkpoint(dst)['step'] == 0
 
 
 INIT_FLAGS = ['--cfg', 'cpu', '--batch', '4', '--workers', '0', '--metrics', 'none', '--max-images', '16', '--log-sec', '0',

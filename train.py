@@ -3,7 +3,7 @@ Train StyleGAN2 with the dual contrastive loss and attention (Yu et al., ICCV 20
 spatial awareness (Wang et al., CVPR 2022). One explicit loop: Gmain, Greg (path length, lazy),
 Dmain, Dreg (R1, lazy), EMA, logs, snapshots, in-loop metrics.
 
-  python train.py --cfg cpu --out runs/cpu                  # built-in dataset, ~10 min on 2 CPU cores
+  python train.py --cfg quick --out runs/quick              # built-in dataset, ~7 min on 2 CPU cores
   python train.py --data ffhq256.zip --cfg paper256 --loss contrastive --out runs/ffhq   # 1 GPU
   torchrun --nproc_per_node=8 train.py --data ffhq256.zip --cfg paper256 --out runs/ffhq # 1 node
   torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
@@ -18,8 +18,10 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import fcntl
 import glob
 import json
+import math
 import os
 import resource
 import signal
@@ -86,7 +88,8 @@ def make_parser():
     a('--out', default='runs/default', help='output folder: checkpoints, grids, log.jsonl')
     a('--resume', default='auto', help="'auto' (latest checkpoint in --out, if any), a path, or 'none'")
     a('--seed', type=int, default=0, help='seed of weights, latents, data order')
-    a('--cfg', choices=sorted(CONFIGS), help="preset for the flags below left unset (default: e, or the --arch's own)")
+    a('--cfg', choices=sorted(CONFIGS), help="preset for the flags below left unset (quick: README's first command, "
+                                             "minutes on a CPU; default: e, or the --arch's own)")
     a('--init', help='fine-tune from these networks: a stylegan2-ada network-snapshot-*.pkl or a ckpt-*.pt '
                      '(G, D, G_ema; fresh optimisers and step 0; the architecture flags come from it)')
     a('--cond', action='store_true', help='class-conditional: labels from dataset.json or class subfolders '
@@ -120,7 +123,8 @@ def make_parser():
     a('--warmup-kimg', type=float, help='contrastive: non-saturating warm-up length (default: 20 epochs of the data)')
     a('--batch', type=int, help='global batch size (split across processes)')
     a('--lr', type=float, help='Adam learning rate of G and D')
-    a('--lr-decay-kimg', type=float, help='decay the lr linearly to 0 over the last N kimg of the run (0: constant)')
+    a('--lr-decay-kimg', type=float, help='decay the lr linearly to 0 over the last N kimg of the run (0: constant; '
+                                          "quick: 50 of its 75, the same share of another --kimg)")
     a('--beta1', type=float, help='Adam beta1 (stylegan2: 0, sndcgan: 0.5, sngan: 0)')
     a('--beta2', type=float, help='Adam beta2 (stylegan2: 0.99, sndcgan: 0.999, sngan: 0.9)')
     a('--n-dis', type=int, help='D steps per G step (sngan: 5, others: 1)')
@@ -165,9 +169,12 @@ def parse_args(argv=None):
     args.explicit = sorted(k for k in set().union(*CONFIGS.values()) if getattr(args, k) is not None)
     if args.cfg is None:
         args.cfg = 'e' if args.arch in (None, 'stylegan2') else args.arch
-    for k, v in CONFIGS[args.cfg].items():
+    preset = CONFIGS[args.cfg]
+    for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if 'lr_decay_kimg' not in args.explicit and 'kimg' in args.explicit and args.kimg > 0:
+        args.lr_decay_kimg = preset['lr_decay_kimg'] * args.kimg / preset['kimg']  # the preset's share of the run
     return args
 
 
@@ -190,21 +197,23 @@ def check_args(args, world, device):
                             f'which has no mapping network, noise, minibatch-std or labels); drop it')
         if args.metrics and any(m.startswith('ppl') for m in args.metrics.split(',')):
             raise UserError(f'--metrics ppl measures paths in W, which --arch {args.arch} has not; drop it')
-    for flag, value, low in [('--batch', args.batch, 1), ('--mbstd-group', args.mbstd_group, 1), ('--z-dim', args.z_dim, 1),
-                             ('--w-dim', args.w_dim, 1), ('--r1-interval', args.r1_interval, 1),
-                             ('--pl-interval', args.pl_interval, 1), ('--align-interval', args.align_interval, 1),
-                             ('--n-dis', args.n_dis, 1), ('--keep', args.keep, 1), ('--workers', args.workers, 0),
-                             ('--seed', args.seed, 0)]:
-        if value is not None and value < low:
-            raise UserError(f'{flag} {value} must be at least {low}')
-    if not args.lr > 0:
-        raise UserError(f'--lr {args.lr:g} must be positive')
-    if not 0 <= args.lr_decay_kimg <= args.kimg:
-        raise UserError(f'--lr-decay-kimg {args.lr_decay_kimg:g} must lie in [0, --kimg {args.kimg:g}]')
-    if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
-        raise UserError(f'--beta1 {args.beta1:g} and --beta2 {args.beta2:g} must lie in [0, 1)')
-    if not args.kimg > 0:
-        raise UserError(f'--kimg {args.kimg:g} must be positive (the length of the run in thousands of images)')
+    # Every number finite and in its range, the message naming the flag as written (None: unset, no value needed).
+    # --kimg before --lr-decay-kimg, whose range it sets.
+    for keys, ok, want in [
+            ('kimg', lambda v: v > 0, 'be positive (the length of the run in thousands of images)'),
+            ('lr snap_kimg metrics_kimg', lambda v: v > 0, 'be positive'),
+            ('lr_decay_kimg', lambda v: 0 <= v <= args.kimg, f'lie in [0, --kimg {args.kimg:g}]'),
+            ('beta1 beta2', lambda v: 0 <= v < 1, 'lie in [0, 1)'),
+            ('style_mix align_tau', lambda v: 0 <= v <= 1, 'lie in [0, 1]'),
+            ('gamma pl_weight ema_kimg ema_rampup align_weight warmup_kimg log_sec workers seed bench_steps',
+             lambda v: v >= 0, 'be at least 0'),
+            ('batch max_images num_gen mbstd_group z_dim w_dim map_layers channel_base channel_max n_dis keep '
+             'r1_interval pl_interval align_interval', lambda v: v >= 1, 'be at least 1')]:
+        for key in keys.split():
+            v = getattr(args, key)
+            if v is not None and not (math.isfinite(v) and ok(v)):
+                want = want if math.isfinite(v) else 'be finite and ' + want.removeprefix('be ')
+                raise UserError(f'--{key.replace("_", "-")} {v:g} must {want}')
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f'--out {args.out} is a file; give a folder for checkpoints, grids and the log')
     if args.batch % world:
@@ -327,19 +336,11 @@ def checkpoint_paths(out):  # oldest first: the names sort by step
 
 
 def save_checkpoint(path, state, keep):
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename and before older checkpoints go
-        os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoints intact
+    try:  # on disk before the rename and before older checkpoints go: a crash leaves the previous ones intact
+        data.atomic_write(path, lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as e:  # disk full, quota, permissions
         raise UserError(f'could not write {path} ({str(e).strip().splitlines()[0]}): free some space or choose '
                         f'another --out; the earlier checkpoints are intact') from None
-    finally:  # also after a Ctrl-C that stops at once
-        if os.path.exists(tmp):
-            os.remove(tmp)
     for old in checkpoint_paths(os.path.dirname(path))[:-keep]:
         os.remove(old)
 
@@ -355,16 +356,76 @@ def _differing(keys, saved, args):
     return [f'--{k.replace("_", "-")} {saved.get(k)} (this run: {getattr(args, k)})' for k in keys if saved.get(k) != getattr(args, k)]
 
 
-def resolve_resume(args):
+def lock_out(out, rank, world, device):
+    """One writer per run: rank 0 holds an exclusive flock on OUT/.lock for as long as it lives (the kernel
+    drops it when the process ends, kill -9 included, so no lock goes stale); a second train.py with the
+    same --out is refused, naming the live process. The holder then removes the *.tmp files a killed writer
+    left. Returns the open lock file (None on other ranks): keep it until the run ends."""
+    held, error = None, None
+    if rank == 0:
+        try:
+            os.makedirs(out, exist_ok=True)
+            held = open(os.path.join(out, '.lock'), 'a+')  # 'a+': no truncation before the lock is ours
+        except OSError as e:  # --out under a file, permissions: main() reports it
+            error = e
+        else:
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.seek(0)
+                pid = held.read().strip() or '?'
+                held.close()
+                error = UserError(f'--out {out} is in use by another train.py (pid {pid}, still running): wait for it '
+                                  f'to end, stop it, or choose another --out')
+            except OSError as e:  # a file system without flock (some network ones): train, unguarded
+                print(f'warning: cannot lock {held.name} ({e.strerror}): nothing stops a second run on this --out',
+                      file=sys.stderr, flush=True)
+            else:
+                held.truncate(0)
+                held.write(f'{os.getpid()}\n')
+                held.flush()
+                stale = glob.glob(os.path.join(glob.escape(out), '*.tmp'))  # ours to remove: no other writer
+                for tmp in stale:
+                    os.remove(tmp)
+                if stale:
+                    print(f'removed {len(stale)} partial file(s) a stopped run left: '
+                          f'{", ".join(map(os.path.basename, stale))}', flush=True)
+    if world > 1:  # every process leaves when rank 0 could not lock
+        ok = torch.tensor(float(error is None), device=device)
+        dist.broadcast(ok, 0)
+        if not ok.item() and rank != 0:
+            raise UserError(f'rank 0 could not take --out {out} (its message says why)')
+    if error:
+        raise error
+    return held
+
+
+def resolve_resume(args, rank=0, world=1):
     if args.resume in ('none', ''):
         existing = checkpoint_paths(args.out)
         if existing:
             raise UserError(f'{args.out} already holds checkpoints ({os.path.basename(existing[-1])}); '
                             f'pass --resume auto to continue that run or choose another --out')
         return None
-    if args.resume == 'auto':
-        existing = checkpoint_paths(args.out)
-        return existing[-1] if existing else None
+    if args.resume == 'auto':  # the newest intact checkpoint; corrupt newer ones are renamed aside (kept, no longer listed)
+        existing, found, bad = checkpoint_paths(args.out), None, []
+        for path in reversed(existing):
+            try:
+                model.verify_zip(path)
+                found = path
+                break
+            except ValueError:
+                bad.append(path)
+        if bad and not found:
+            raise UserError(f'every checkpoint in {args.out} is corrupt (a CRC-32 check fails): restore one from a copy, '
+                            f'or move them away to start again')
+        for path in bad if rank == 0 else []:
+            os.replace(path, path + '.corrupt')
+            print(f'warning: {path} is corrupt (a CRC-32 check fails): renamed {os.path.basename(path)}.corrupt; '
+                  f'resuming from {os.path.basename(found)}', file=sys.stderr, flush=True)
+        if world > 1:  # the renames done before any process lists the checkpoints again
+            dist.barrier()
+        return found
     if not os.path.isfile(args.resume):
         raise UserError(f'--resume {args.resume}: no such file; give a checkpoint path or --resume auto')
     return args.resume
@@ -440,10 +501,13 @@ def load_init(net, state, what):
 
 def main(argv=None):
     args = parse_args(argv)
+    lock = None
     try:
         init = init_from(args)
         rank, world, device = init_distributed(args.device)
         check_args(args, world, device)
+        if not args.bench_steps:  # the benchmark writes nothing
+            lock = lock_out(args.out, rank, world, device)  # held until the run ends
         code = train(args, rank, world, device, init)
         if world > 1:  # leave together: a rank tearing gloo down while rank 0 still writes can abort
             dist.barrier()
@@ -460,6 +524,8 @@ def main(argv=None):
         print(f'error: {where}; check the path, its permissions and the free space', file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
+        if lock:  # (a traceback kept by a caller would otherwise keep the file, and the lock, open)
+            lock.close()
         if dist.is_initialized():
             dist.destroy_process_group()
     if code:
@@ -517,7 +583,7 @@ def train(args, rank, world, device, init=None):
     except ValueError as e:  # an impossible architecture flag, e.g. --g-attn-res 12
         raise UserError(str(e)) from None
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    resume = None if bench else resolve_resume(args)
+    resume = None if bench else resolve_resume(args, rank, world)
     if init and not resume:
         for net, key in [(G, 'G'), (D, 'D'), (G_ema, 'G_ema')]:
             print0(f'init from {args.init}: ' + load_init(net, init[key], key), rank=rank)
@@ -535,6 +601,7 @@ def train(args, rank, world, device, init=None):
     scaler_D = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     pl_mean = torch.zeros([], device=device)
     step = nimg = 0
+    seconds = 0.0  # the run's time before this process: the parts before its resumes
 
     if resume:
         ckpt = load_resume(resume, args, device)
@@ -548,6 +615,7 @@ def train(args, rank, world, device, init=None):
                     scaler.load_state_dict(ckpt[key])
             pl_mean.copy_(ckpt['pl_mean'])
             step, nimg = ckpt['step'], ckpt['nimg']
+            seconds = ckpt.get('seconds', 0.0)  # checkpoints before it was saved: this part's time only
         except (KeyError, RuntimeError, ValueError) as e:
             raise UserError(f'checkpoint {resume} does not fit this code ({type(e).__name__}: '
                             f'{" ".join(str(e).split())[:200]}); use another --out') from None
@@ -737,7 +805,7 @@ def train(args, rank, world, device, init=None):
     def checkpoint(step, nimg):  # the weights are the same on every process: any one of them may write them
         state = dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), opt_G=opt_G.state_dict(),
                      opt_D=opt_D.state_dict(), scaler_G=scaler_G.state_dict(), scaler_D=scaler_D.state_dict(),
-                     pl_mean=pl_mean, step=step, nimg=nimg, args=vars(args))
+                     pl_mean=pl_mean, step=step, nimg=nimg, seconds=seconds + time.time() - t_start, args=vars(args))
         save_checkpoint(os.path.join(args.out, checkpoint_name(step)), state, args.keep)
 
     def measure():  # the in-loop metrics of G_ema at this nimg, one log.jsonl line; returns the seconds taken
@@ -770,8 +838,10 @@ def train(args, rank, world, device, init=None):
             raise UserError(f'non-finite {", ".join(bad)} at kimg {nimg / 1000:.2f}; {last_good(args)}')
         dt, t_log = time.time() - t_log, time.time()
         ips = (nimg - n_log) / dt
+        window.append((nimg - n_log, dt))  # the ETA's speed: the last 10 lines, steadier on a busy machine
+        del window[:-10]
         n_log = nimg
-        eta = (total - nimg) / max(ips, 1e-8)
+        eta = max(0, total - nimg) * sum(t for _, t in window) / max(sum(n for n, _ in window), 1)
         line = dict(kimg=round(nimg / 1000, 3), step=step, sec_per_kimg=round(1000 / max(ips, 1e-8), 2),
                     img_per_sec=round(ips, 2), mem_gb=round(peak_memory_gb(device), 3),
                     lr=float(f'{args.lr * lr_scale(nimg, total, args.lr_decay_kimg):.4g}'), **{k: round(v, 4) for k, v in vals.items()})
@@ -788,7 +858,7 @@ def train(args, rank, world, device, init=None):
                  *((grid_z, grid_h, grid_c) if rank == 0 else (None, None, None)))
 
     t_log = t_start = time.time()
-    n_log, saved = nimg, step
+    n_log, saved, window = nimg, step, []
     print0(f'training to {args.kimg} kimg with the {args.loss} loss'
            + (f' (non-saturating warm-up until {args.warmup_kimg:g} kimg)' if args.loss == 'contrastive' else '')
            + (f'; the run is already at {nimg / 1000:g} kimg: raise --kimg to go on' if nimg >= total else ''), rank=rank)
@@ -821,7 +891,9 @@ def train(args, rank, world, device, init=None):
                 saved = step
             if metrics_due() and (done or not stopping()):  # after a stop, the resume evaluates them
                 t_log += measure()  # metric time does not count as training speed
-    print0(f'done: {nimg / 1000:.2f} kimg in {fmt_time(time.time() - t_start)}; checkpoints in {args.out}', rank=rank)
+    this = time.time() - t_start
+    print0(f'done: {nimg / 1000:.2f} kimg in {fmt_time(seconds + this)}' + (f' ({fmt_time(this)} since the resume)' if seconds else '')
+           + f'; checkpoints in {args.out}', rank=rank)
     return 0
 
 
@@ -850,9 +922,7 @@ def trim_log(path, step):
                     keep.append((line, record))
             except (ValueError, KeyError, TypeError):  # a line cut short by a crash
                 pass
-    with open(path + '.tmp', 'w') as f:
-        f.writelines(line for line, _ in keep)
-    os.replace(path + '.tmp', path)
+    data.atomic_write(path, lambda f: f.writelines(line for line, _ in keep), mode='w')
     return [record for _, record in keep]
 
 
