@@ -308,8 +308,11 @@ class SynthesisBlock(nn.Module):
         if self.sel is not None:
             rgb_in = self.sel[1](x, hfeats[self.res])
             x = x if self.local_rgb else rgb_in
-        y = self.torgb(rgb_in, ws[:, self.num_conv], fused)  # [B, 3, res, res]
-        img = y if img is None else upsample2d(img, self.resample_filter) + y
+        y = self.torgb(rgb_in, ws[:, self.num_conv], fused).float()  # [B, 3, res, res]
+        # the RGB skip sum in fp32 under mixed precision too (the official code): in bf16 the final
+        # image would carry 8 mantissa bits summed over every resolution
+        with torch.autocast(y.device.type, enabled=False):
+            img = y if img is None else upsample2d(img, self.resample_filter) + y
         return x, img
 
 
@@ -583,11 +586,12 @@ class SNLayer(nn.Module):
 
     def forward(self, x):
         w = self.weight.flatten(1)  # [out, in * k * k]
-        if self.training:
-            with torch.no_grad():  # Algorithm 1: v <- W^T u / |W^T u|, u <- W v / |W v|
-                self.v.copy_(F.normalize(w.t() @ self.u, dim=0))
-                self.u.copy_(F.normalize(w @ self.v, dim=0))
-        sigma = self.u.clone() @ w @ self.v.clone()  # clones: a later forward updates u, v in place before backward
+        with torch.autocast(x.device.type, enabled=False):  # power iteration and sigma in fp32 under mixed precision
+            if self.training:
+                with torch.no_grad():  # Algorithm 1: v <- W^T u / |W^T u|, u <- W v / |W v|
+                    self.v.copy_(F.normalize(w.t() @ self.u, dim=0))
+                    self.u.copy_(F.normalize(w @ self.v, dim=0))
+            sigma = self.u.clone() @ w @ self.v.clone()  # clones: a later forward updates u, v in place before backward
         w = (self.weight / sigma).to(x.dtype)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         return F.conv2d(x, w, b, self.stride, self.padding) if self.k else F.linear(x, w, b)

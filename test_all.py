@@ -2647,13 +2647,33 @@ def test_write_failure_and_bad_image_mid_run_keep_the_work(tmp_path, capsys, mon
     assert load(sorted(glob.glob(f'{tmp_path}/run/ckpt-*.pt'))[-1])['step'] == 8
 
 
-def torchrun(args, nproc, cwd):
+def torchrun(args, nproc, cwd, ok=True):
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_port', str(29500 + os.getpid() % 1000),
            os.path.join(HERE, 'train.py')] + args
     env = dict(os.environ, OMP_NUM_THREADS='1')
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert (r.returncode == 0) == ok, r.stdout[-2000:] + r.stderr[-4000:]
     return r
+
+
+def test_ddp_bad_image_on_one_rank_stops_every_rank_in_the_same_step(tmp_path):
+    """A truncated image that only one of 2 gloo processes reads: every process learns of it in the
+    same step (no rank left waiting in a collective), each says why in one line, and rank 0 alone
+    writes the steps done (one checkpoint, no .tmp left)."""
+    root = tmp_path / 'imgs'
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f'{i:02d}.png')
+    bad = sorted(root.iterdir())[40]  # past the 32 of reals.png: read in training, by one rank only
+    bad.write_bytes(bad.read_bytes()[:100])
+    r = torchrun(TINY_FLAGS + ['--out', str(tmp_path / 'run'), '--data', str(root), '--kimg', '0.064', '--snap-kimg', '1'],
+                 2, tmp_path, ok=False)
+    errors = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 2, r.stderr[-4000:]  # one line from each rank
+    assert sum('could not be decoded' in e for e in errors) == 1 and sum('another process' in e for e in errors) == 1
+    ckpts = glob.glob(f'{tmp_path}/run/ckpt-*.pt')
+    assert len(ckpts) == 1 and load(ckpts[0])['step'] >= 1 and not glob.glob(f'{tmp_path}/run/*.tmp')
 
 
 def test_ddp_two_processes_match_one(tmp_path):
@@ -4049,6 +4069,20 @@ def test_backbones_train_with_every_loss(tmp_path, arch, loss):
     torch.manual_seed(0)  # the run's initial G (--seed 0): its weights moved
     G0 = model.build_networks({**SMALL, 'arch': arch, 'resolution': 16})[0]
     assert all(not torch.allclose(ck['G'][k], v, atol=1e-6) for k, v in G0.named_parameters())
+
+
+@pytest.mark.parametrize('arch', model.ARCHS)
+@pytest.mark.parametrize('loss', losses.LOSSES)
+def test_every_backbone_and_loss_trains_under_bf16_autocast(tmp_path, arch, loss):
+    """--amp bf16 with every loss on every backbone (the WGAN penalty once met fp32 reals and bf16
+    fakes): one step, its losses and the weights finite and fp32. (The regularisers run in fp32, outside autocast.)"""
+    extra = ['--kimg', '0.008', '--amp', 'bf16', '--loss', loss, *(['--warmup-kimg', '0'] if loss == 'contrastive' else [])]
+    out = run_train(tmp_path, *extra) if arch == 'stylegan2' else run_sn(tmp_path, arch, *extra)
+    log = [json.loads(line) for line in open(f'{out}/log.jsonl')]
+    assert log[-1]['step'] == 1 and all(math.isfinite(v) for line in log for v in line.values())
+    assert ('D/gp' in log[-1]) == (loss == 'wgan')
+    ck = load(f'{out}/ckpt-0000001.pt')
+    assert all(v.dtype != torch.bfloat16 and torch.isfinite(v).all() for k in ('G', 'D') for v in ck[k].values())
 
 
 @pytest.mark.parametrize('arch', ['sndcgan', 'sngan'])

@@ -254,6 +254,8 @@ def init_distributed(device_flag):
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise UserError(f'--device {device_flag}: PyTorch sees no CUDA GPU here; use --device cpu')
     if 'RANK' not in os.environ:
+        if dev.type == 'cuda' and dev.index is not None:  # else kernels, syncs and a stray context land on GPU 0
+            torch.cuda.set_device(dev)
         return 0, 1, dev
     local = int(os.environ.get('LOCAL_RANK', 0))
     cuda = dev.type == 'cuda'
@@ -725,12 +727,12 @@ def train(args, rank, world, device, init=None):
     names = [m for m in args.metrics.split(',') if m and m != 'none']
     ctl = dist.new_group(backend='gloo') if world > 1 else None  # host-side flags, no device sync
 
-    def agree(flag, anyone=False):  # (rank 0's flag, whether any process set `anyone`), the same on every process
+    def agree(flag, *anyone):  # (rank 0's flag, whether any process set each of `anyone`), the same on every process
         if world == 1:
-            return flag, anyone
-        t = torch.tensor([int(flag and rank == 0), int(anyone)])
+            return (flag, *anyone)
+        t = torch.tensor([int(flag and rank == 0), *map(int, anyone)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctl)
-        return bool(t[0]), bool(t[1])
+        return tuple(map(bool, t))
 
     finite = lambda: all(bool(torch.isfinite(p).all()) for net in (G, D) for p in net.parameters())
 
@@ -795,20 +797,29 @@ def train(args, rank, world, device, init=None):
     with stop_requests(rank, world) as stop:  # Ctrl-C / SIGTERM: no more batches; log, save, exit
         stopping = lambda: agree(False, bool(stop))[1]  # any process's signal, the same answer on all
         while nimg < total:
-            if stopping():  # checked before a batch is fetched
+            try:
+                batch = next(loader)
+                ref_u8 = next(ref_loader) if ref_loader is not None else None
+                bad = None
+            except data.DataError as e:  # e.g. a truncated image, which only this process may have read
+                bad = e
+            # one agreement per step on both: a signal and a data error anywhere stop every process here
+            _, signalled, broken = agree(False, bool(stop), bad is not None)
+            if broken:  # keep the steps since the last snapshot (one writer), then all stop together
+                try:
+                    if rank == 0 and step > saved and finite():
+                        checkpoint(step, nimg)
+                finally:  # none exits (and torchrun ends the others) while rank 0 writes
+                    if world > 1:
+                        dist.barrier(group=ctl)
+                raise bad or UserError('stopped: another process could not read an image (its error above)')
+            if signalled:  # (the batch just fetched is fetched again on resume)
                 if stats:
                     log_line()
                 if step > saved:
                     save()
                 print0(f'stopped at kimg {nimg / 1000:.2f} with a checkpoint; the same command resumes', rank=rank)
                 return 128 + (stop[0][0] if stop else signal.SIGTERM)  # the shell's code for "ended by a signal"
-            try:
-                batch = next(loader)
-                ref_u8 = next(ref_loader) if ref_loader is not None else None
-            except data.DataError:  # e.g. a truncated image: keep the steps since the last snapshot
-                if step > saved and finite():
-                    checkpoint(step, nimg)
-                raise
             set_lr(nimg)
             train_step(step, batch, ref_u8)
             step += 1
