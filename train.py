@@ -144,7 +144,9 @@ def make_parser():
     # speed
     a('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='autocast the main phases')
     a('--compile', action='store_true', help='torch.compile G and D for the main phases')
-    a('--channels-last', action='store_true', help='channels_last memory format')
+    a('--channels-last', action='store_true', help='channels_last memory format (weights, gradients, optimizer state, G_ema, images)')
+    a('--adam', default='auto', choices=['auto', 'foreach', 'fused'],
+      help="Adam's implementation: 'auto' is fused on CUDA (no GradScaler host syncs), PyTorch's default elsewhere")
     a('--bench-steps', type=int, default=0, help='benchmark: time N steps after 3 warm-up steps, write nothing')
     # logging, snapshots, metrics
     a('--log-sec', type=float, default=10, help='seconds between log lines')
@@ -279,18 +281,26 @@ def phase_step(net, opt, scaler, loss, world):
     layers that a phase does not reach). Non-finite gradient entries are zeroed like the official
     code, except under fp16 loss scaling: there an inf is the overflow the scaler must see to skip
     the step and lower its scale (the all_reduce spreads it, so every process skips). Returns the norm of
-    the averaged gradient (None under fp16 loss scaling)."""
+    the averaged gradient (None under fp16 loss scaling).
+    Each gradient becomes a view of the flat buffer with its parameter's strides (channels_last
+    included): the optimizer's foreach kernels then group them, and a fused Adam, which assumes a
+    gradient laid out as its parameter, updates the right elements."""
     scaler.scale(loss).backward()
     params = [p for p in net.parameters() if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
+    flat = torch.empty(offsets[-1], dtype=params[0].dtype, device=params[0].device)
+    views = [flat.as_strided(p.shape, p.stride(), o) for p, o in zip(params, offsets)]  # dense: contiguous or channels_last
+    torch._foreach_copy_(views, grads)
     if world > 1:
         dist.all_reduce(flat)
         flat /= world
     if not scaler.is_enabled():
-        flat = flat.nan_to_num(nan=0, posinf=1e5, neginf=-1e5)
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
+        torch.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
+    for p, g in zip(params, views):
+        p.grad = g
     scaler.step(opt)
     scaler.update()
     return None if scaler.is_enabled() else flat.norm()  # the gradient's norm (not under fp16: it is scaled there)
@@ -525,14 +535,18 @@ def train(args, rank, world, device, init=None):
             print0(f'init from {args.init}: ' + load_init(net, init[key], key), rank=rank)
     del init
     G, D, G_ema = G.to(device), D.to(device), G_ema.to(device)
-    if args.channels_last:
-        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    if args.channels_last:  # G_ema too: its lerp towards G then pairs tensors of one layout
+        G, D, G_ema = (net.to(memory_format=torch.channels_last) for net in (G, D, G_ema))
     # The official code sets both lazy intervals always, so its G runs at lr x 4/5 even without path
     # length (e.g. EqGAN-SA's --pl_w=0); the SN backbones are lazy only where R1 is on.
     c_G = args.pl_interval / (args.pl_interval + 1) if stylegan else 1
     c_D = args.r1_interval / (args.r1_interval + 1) if stylegan or args.gamma > 0 else 1
-    opt_G = torch.optim.Adam(G.parameters(), eps=1e-8)  # lr and betas: set below, after a resume too
-    opt_D = torch.optim.Adam(D.parameters(), eps=1e-8)
+    # fused Adam: one kernel per step, and GradScaler hands it the scale and the overflow flag on the
+    # device (the foreach step unscales and checks for infs with host syncs)
+    fused = args.adam == 'fused' or args.adam == 'auto' and device.type == 'cuda'
+    impl = dict(fused=fused or None, foreach=args.adam == 'foreach' or None)  # None: PyTorch's choice
+    opt_G = torch.optim.Adam(G.parameters(), eps=1e-8, **impl)  # lr and betas: set below, after a resume too
+    opt_D = torch.optim.Adam(D.parameters(), eps=1e-8, **impl)
     scaler_G = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     scaler_D = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     pl_mean = torch.zeros([], device=device)
@@ -543,8 +557,10 @@ def train(args, rank, world, device, init=None):
         try:
             for net, key in [(G, 'G'), (D, 'D'), (G_ema, 'G_ema')]:
                 model.load_weights(net, ckpt[key])
-            opt_G.load_state_dict(ckpt['opt_G'])
-            opt_D.load_state_dict(ckpt['opt_D'])
+            for opt, key in [(opt_G, 'opt_G'), (opt_D, 'opt_D')]:
+                for group in ckpt[key]['param_groups']:  # this run's implementation, not the saved one's
+                    group.update(impl)
+                opt.load_state_dict(ckpt[key])
             for scaler, key in [(scaler_G, 'scaler_G'), (scaler_D, 'scaler_D')]:
                 if ckpt[key]:  # empty from a run without fp16: a switch to --amp fp16 starts a new scale
                     scaler.load_state_dict(ckpt[key])
@@ -714,8 +730,7 @@ def train(args, rank, world, device, init=None):
         beta = 0.5 ** (B / max(ema_nimg, 1e-8))
         with torch.no_grad():
             torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1 - beta)
-            for be, bg in zip(G_ema.buffers(), G.buffers()):
-                be.copy_(bg)
+            torch._foreach_copy_(list(G_ema.buffers()), list(G.buffers()))
         return timings
 
     if bench:
