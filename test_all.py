@@ -178,6 +178,65 @@ def test_fp16_prenormalisation_keeps_correlated_sums_finite(case, fused):
     assert torch.allclose(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
+def test_generator_sums_its_rgb_skip_path_in_fp32_under_autocast():
+    """Under bf16 autocast each block's toRGB output joins the upsampled image in fp32 (the official
+    code), so the image G returns is fp32 and equals that sum computed from the blocks' own outputs."""
+    G, _ = tiny()
+    imgs = []
+    for res in G.res_list:
+        getattr(G.synthesis, f'b{res}').register_forward_hook(lambda m, i, out: imgs.append(out[1]))
+    torch.manual_seed(1)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        img = G(torch.randn(2, 32), noise_mode='const')
+    assert img.dtype == torch.float32 and all(x.dtype == torch.float32 for x in imgs)
+    assert imgs[-1] is img
+
+
+def test_losses_take_low_precision_logits_in_fp32():
+    """Every loss casts the logits first: the WGAN drift term's square of 300 overflows fp16 (65504)."""
+    big, low = torch.full([4], 300.0), torch.tensor([-2.0, -0.5, 0.5, 2.0])  # exact in fp16
+    for kind in losses.LOSSES:
+        for real, fake in [(big, low), (low, big)]:
+            want_d, want_g = losses.d_loss(kind, real, fake), losses.g_loss(kind, fake, real)
+            got_d, got_g = losses.d_loss(kind, real.half(), fake.half()), losses.g_loss(kind, fake.half(), real.half())
+            assert got_d.dtype == got_g.dtype == torch.float32, kind
+            assert torch.allclose(got_d, want_d) and torch.allclose(got_g, want_g), kind
+
+
+def test_spectral_norm_and_sagan_logits_stay_fp32_under_autocast():
+    """SN's power iteration and sigma are not autocast (the buffers u, v after a bf16 forward equal
+    those of an fp32 one); SAGAN's attention logits reach the softmax in fp32."""
+    torch.manual_seed(0)
+    layer = model.SNLayer(16, 24, k=3, padding=1)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(2, 16, 5, 5)
+    layer(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        twin(x)
+    assert torch.equal(layer.u, twin.u) and torch.equal(layer.v, twin.v)
+    seen = []
+
+    class Softmaxes(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.softmax, torch.softmax):
+                seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+    sagan = attention.SAGAN(16)
+    with torch.autocast('cpu', dtype=torch.bfloat16), Softmaxes():
+        sagan(torch.randn(2, 16, 4, 4))
+    assert seen == [torch.float32]
+
+
+def test_device_cuda_n_outside_torchrun_becomes_the_current_device(monkeypatch):
+    """--device cuda:1 in a single process: the benchmark's syncs and every kernel go to GPU 1, not 0."""
+    set_to = []
+    monkeypatch.delenv('RANK', raising=False)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'set_device', set_to.append)
+    assert train.init_distributed('cuda:1') == (0, 1, torch.device('cuda:1')) and set_to == [torch.device('cuda:1')]
+    assert train.init_distributed('cpu')[2] == torch.device('cpu') and len(set_to) == 1
+
+
 def test_demodulation_gives_unit_variance():
     torch.manual_seed(0)
     x = torch.randn(4, 64, 32, 32)
@@ -2068,6 +2127,10 @@ def _ddp_worker(rank, world_size, init, out):
     torch.set_num_threads(1)
     G, D = _met_nets()
     res = metrics.evaluate(MET_NAMES, G, D, TinyData(), 'cpu', rank, world_size, log=lambda s: None, **MET_KW)
+    x = torch.full([2], float(rank), requires_grad=True)  # the contrastive loss's all-gather: its backward
+    g = torch.ones(4)  # must not all-reduce the incoming gradient in place (autograd may hold it elsewhere)
+    losses.all_gather(x).backward(g)
+    res['all_gather'] = [x.grad.tolist(), g.tolist()]
     with open(os.path.join(out, f'{rank}.json'), 'w') as f:
         json.dump(res, f)
     dist.destroy_process_group()
@@ -2082,6 +2145,7 @@ def test_ddp_sharded_equals_single_process(tmp_path):
         assert res['di'] == pytest.approx(single['di'], rel=1e-6, abs=1e-6)
         assert res['fddf'] == pytest.approx(single['fddf'], rel=1e-6, abs=1e-6)
         assert res['swd'] == pytest.approx(single['swd'], rel=1e-6, abs=1e-6)
+        assert res['all_gather'] == [[2.0, 2.0], [1.0] * 4]  # summed over the ranks; the caller's gradient untouched
 
 
 def test_cli_prints_one_json_line(monkeypatch, capsys):
