@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import types
 import zipfile
 
@@ -2468,15 +2469,17 @@ def test_lr_decays_linearly_to_zero_and_a_stopped_run_resumes_on_the_schedule(tm
                  '--lr-decay-kimg 0.04 must lie in [0, --kimg 0.032]')
 
 
-def test_resume_may_switch_to_fp16_loss_scaling(tmp_path, monkeypatch):
+def test_resume_may_switch_to_fp16_loss_scaling(tmp_path, monkeypatch, capsys):
     """A run without fp16 saves empty GradScaler states; resumed with --amp fp16 (a GPU flag, let
     through on the CPU here) the scalers start a new scale instead of failing to load them; the
-    fp16 run's scale then goes to its checkpoint and back."""
+    fp16 run's scale then goes to its checkpoint and back. The switch says that it clamps activations now."""
     real_check = train.check_args
     monkeypatch.setattr(train, 'check_args', lambda args, world, device: real_check(args, world, torch.device('cuda')))
     out = run_train(tmp_path, '--kimg', '0.008')
     assert load(f'{out}/ckpt-0000001.pt')['scaler_G'] == {}
+    capsys.readouterr()
     run_train(tmp_path, '--kimg', '0.016', '--amp', 'fp16')
+    assert 'note: --amp fp16 clamps activations at +-256 (conv_clamp' in capsys.readouterr().out
     saved = load(f'{out}/ckpt-0000002.pt')['scaler_G']
     assert saved['scale'] > 0
     run_train(tmp_path, '--kimg', '0.024', '--amp', 'fp16')
@@ -2959,7 +2962,28 @@ def test_benchmark_mode_times_phases(tmp_path, capsys):
     out = capsys.readouterr().out
     line = json.loads([s for s in out.splitlines() if s.startswith('{')][-1])
     assert line['bench']['img_per_sec'] > 0 and set(line['bench']['phases_ms']) >= {'Gmain', 'Greg', 'Dmain', 'Dreg', 'ema'}
+    assert line['bench']['loader_ms_per_step'] >= 0 and 'waiting for the loader (the built-in dataset, --workers 0' in out
     assert not os.path.exists(tmp_path / 'bench')  # the benchmark writes nothing
+    steps = []
+    args = types.SimpleNamespace(bench_steps=2, workers=0)
+    train.benchmark(args, lambda i, real, ref: steps.append(i) or {'Gmain': time.perf_counter()}, iter(range(5)), None,
+                    torch.device('cpu'), 8, rank=1)
+    assert steps == [0, 1, 2, 3, 4] and capsys.readouterr().out == ''  # under torchrun only rank 0 prints
+
+
+def test_tf32_is_off_in_the_double_backward_regularisers_unless_asked(tmp_path, monkeypatch):
+    """--tf32 main (default): the main phases may use TF32, R1 and path length run in full fp32 (the
+    official code); --tf32 none: nowhere (the official default). Read in each phase's loss."""
+    seen = []
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    for name in ('g_loss', 'd_loss', 'r1_penalty', 'path_length_penalty'):
+        real = getattr(losses, name)
+        monkeypatch.setattr(losses, name, lambda *a, _real=real, _name=name, **k: seen.append((_name, flags())) or _real(*a, **k))
+    for tf32, main, reg in [('main', True, False), ('none', False, False)]:
+        seen.clear()
+        run_train(tmp_path, '--kimg', '0.008', '--pl-weight', '2', '--tf32', tf32, name=tf32)  # step 0: R1 and path length
+        assert sorted(seen) == [('d_loss', (main,) * 2), ('g_loss', (main,) * 2), ('path_length_penalty', (reg,) * 2),
+                                ('r1_penalty', (reg,) * 2)]
 
 
 def test_lazy_alignment_runs_every_n_steps_with_weight_times_n(tmp_path, monkeypatch):

@@ -147,7 +147,11 @@ def make_parser():
     a('--channels-last', action='store_true', help='channels_last memory format (weights, gradients, optimizer state, G_ema, images)')
     a('--adam', default='auto', choices=['auto', 'foreach', 'fused'],
       help="Adam's implementation: 'auto' is fused on CUDA (no GradScaler host syncs), PyTorch's default elsewhere")
-    a('--bench-steps', type=int, default=0, help='benchmark: time N steps after 3 warm-up steps, write nothing')
+    a('--tf32', default='main', choices=['main', 'all', 'none'],
+      help="TF32 matmuls and convolutions (Ampere+ GPUs): in the main phases only, with the double-backward "
+           "regularisers (R1, path length) in full fp32 as the official code; everywhere; or nowhere (the official default)")
+    a('--bench-steps', type=int, default=0, help='benchmark: time N steps after 3 warm-up steps on the built-in '
+                                                 'dataset (through the loader, --workers), write nothing')
     # logging, snapshots, metrics
     a('--log-sec', type=float, default=10, help='seconds between log lines')
     a('--snap-kimg', type=float, help='kimg between snapshots: grid, checkpoint (cpu: 2, others: 50)')
@@ -265,6 +269,10 @@ def init_distributed(device_flag):
         torch.cuda.set_device(local)
     dist.init_process_group('nccl' if cuda else 'gloo')
     return dist.get_rank(), dist.get_world_size(), torch.device(f'cuda:{local}' if cuda else 'cpu')
+
+
+def set_tf32(on):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
 
 
 def lr_scale(nimg, total, decay_kimg):
@@ -508,7 +516,7 @@ def train(args, rank, world, device, init=None):
     if device.type == 'cpu':
         keep_freed_memory()
     torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_tf32(args.tf32 != 'none')
     bench = args.bench_steps > 0
     B, b = args.batch, args.batch // world
     stylegan = args.arch == 'stylegan2'
@@ -570,6 +578,10 @@ def train(args, rank, world, device, init=None):
             raise UserError(f'checkpoint {resume} does not fit this code ({type(e).__name__}: '
                             f'{" ".join(str(e).split())[:200]}); use another --out') from None
         print0(f'resumed {resume} at kimg {nimg / 1000:.3f} (step {step})', rank=rank)
+        if ckpt['args'].get('conv_clamp') != args.conv_clamp:  # the networks' function changes with --amp
+            print0(f'note: --amp {args.amp} {"clamps" if args.conv_clamp else "no longer clamps"} activations at '
+                   f'+-{args.conv_clamp or ckpt["args"]["conv_clamp"]} (conv_clamp; the checkpoint\'s run: '
+                   f'{ckpt["args"]["conv_clamp"]}), as the official code under mixed precision', rank=rank)
         del ckpt
     total = int(args.kimg * 1000)
 
@@ -648,6 +660,7 @@ def train(args, rank, world, device, init=None):
 
         def begin(name, net, opt):  # only the phase's network takes gradients
             tic(name)
+            set_tf32(args.tf32 == 'all' or args.tf32 == 'main' and name.endswith('main'))
             G.requires_grad_(net is G)
             D.requires_grad_(net is D)
             opt.zero_grad(set_to_none=True)
@@ -731,10 +744,11 @@ def train(args, rank, world, device, init=None):
         with torch.no_grad():
             torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1 - beta)
             torch._foreach_copy_(list(G_ema.buffers()), list(G.buffers()))
+        set_tf32(args.tf32 != 'none')  # the metrics' and grids' setting
         return timings
 
     if bench:
-        benchmark(args, train_step, loader, ref_loader, device, B)
+        benchmark(args, train_step, loader, ref_loader, device, B, rank)
         return 0
 
     # The loop
@@ -917,12 +931,16 @@ def generate_images(G, z, heatmaps, batch, c=None):
     return model.to_uint8(torch.cat(out))
 
 
-def benchmark(args, train_step, loader, ref_loader, device, B):
-    """Full training steps on synthetic data: 3 warm-up steps, then args.bench_steps timed ones."""
+def benchmark(args, train_step, loader, ref_loader, device, B, rank=0):
+    """Full training steps on the built-in dataset: 3 warm-up steps, then args.bench_steps timed ones.
+    img/s includes the wait for the loader (its own line says how long); rank 0 prints."""
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    per_phase, t0 = {}, None
+    per_phase, t0, waited = {}, None, 0.0
     for i in range(3 + args.bench_steps):
+        t_fetch = time.perf_counter()
         real, ref = next(loader), (next(ref_loader) if ref_loader is not None else None)
+        if i > 3:  # the first timed batch was fetched before the clock started
+            waited += time.perf_counter() - t_fetch
         if i == 3:
             sync()
             if device.type == 'cuda':
@@ -938,10 +956,13 @@ def benchmark(args, train_step, loader, ref_loader, device, B):
     res = dict(img_per_sec=round(args.bench_steps * B / dt, 2), ms_per_step=round(1000 * dt / args.bench_steps, 1),
                peak_mem_gb=round(peak_memory_gb(device), 3),
                phases_ms={k: round(1000 * sum(v) / len(v), 1) for k, v in per_phase.items()},
-               phase_counts={k: len(v) for k, v in per_phase.items()})
-    print(f'bench: {res["img_per_sec"]} img/s, {res["ms_per_step"]} ms/step, peak {res["peak_mem_gb"]} GB; '
-          f'ms per phase occurrence: {res["phases_ms"]} over {res["phase_counts"]} occurrences', flush=True)
-    print(json.dumps(dict(bench=res, args=vars(args))), flush=True)
+               phase_counts={k: len(v) for k, v in per_phase.items()},
+               loader_ms_per_step=round(1000 * waited / max(1, args.bench_steps - 1), 2))
+    print0(f'bench: {res["img_per_sec"]} img/s, {res["ms_per_step"]} ms/step, peak {res["peak_mem_gb"]} GB; '
+           f'ms per phase occurrence: {res["phases_ms"]} over {res["phase_counts"]} occurrences; img/s includes '
+           f'{res["loader_ms_per_step"]} ms/step waiting for the loader (the built-in dataset, --workers {args.workers}; '
+           f'--data is not read)', rank=rank)
+    print0(json.dumps(dict(bench=res, args=vars(args))), rank=rank)
 
 
 def count(net):
