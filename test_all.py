@@ -193,6 +193,27 @@ def test_generator_sums_its_rgb_skip_path_in_fp32_under_autocast():
     assert imgs[-1] is img
 
 
+def test_autocast_covers_only_the_four_highest_resolutions_as_the_official_code():
+    """Under autocast (here bf16 on the CPU) StyleGAN2's mapping, its blocks below the official
+    fp16_resolution (the 4 highest resolutions, at least 8) and D's epilogue run in fp32."""
+    assert [model.fp16_resolution(r) for r in (16, 32, 64, 128, 256, 1024)] == [8, 8, 8, 16, 32, 128]
+    torch.manual_seed(0)
+    G, D = model.build_networks({**TINY, 'resolution': 128, 'channel_base': 512, 'channel_max': 16})
+    dtypes = {}
+    hook = lambda name: (lambda m, i, out: dtypes.update({name: (out[0] if isinstance(out, tuple) else out).dtype}))
+    G.mapping.register_forward_hook(hook('mapping'))
+    D.b4.register_forward_hook(hook('D.b4'))
+    for res in G.res_list:
+        getattr(G.synthesis, f'b{res}').register_forward_hook(hook(f'G.b{res}'))
+    for res in D.res_list:
+        getattr(D, f'b{res}').register_forward_hook(hook(f'D.b{res}'))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        logits = D(G(torch.randn(2, 32)))
+    bf16 = {k for k, v in dtypes.items() if v == torch.bfloat16}
+    assert bf16 == {'G.b16', 'G.b32', 'G.b64', 'G.b128', 'D.b128', 'D.b64', 'D.b32', 'D.b16'}, dtypes
+    assert logits.dtype == torch.float32 and len(dtypes) == 2 + 6 + 5
+
+
 def test_losses_take_low_precision_logits_in_fp32():
     """Every loss casts the logits first: the WGAN drift term's square of 300 overflows fp16 (65504)."""
     big, low = torch.full([4], 300.0), torch.tensor([-2.0, -0.5, 0.5, 2.0])  # exact in fp16
