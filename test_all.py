@@ -2507,6 +2507,25 @@ def test_resume_may_switch_to_fp16_loss_scaling(tmp_path, monkeypatch, capsys):
     assert load(f'{out}/ckpt-0000003.pt')['scaler_G']['_growth_tracker'] == saved['_growth_tracker'] + 1
 
 
+def test_gradcam_under_fp16_goes_through_a_bf16_d_pass(tmp_path, monkeypatch):
+    """GradCAM's inner gradient has no loss scaling: through fp16 activations it underflows (shown
+    here: 1e-4 x 1e-4 is below fp16's smallest subnormal, the CAM comes out all zero), so under
+    --amp fp16 the alignment's D pass runs in bf16 (fp32 on GPUs without it)."""
+    a = (torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) + 0.5).requires_grad_(True)
+    for dtype, zero in [(torch.float16, True), (torch.bfloat16, False)]:
+        logits = (a.to(dtype) * torch.full_like(a, 1e-4, dtype=dtype)).sum([1, 2, 3]) * torch.tensor(1e-4, dtype=dtype)
+        cam = losses.gradcam(logits, {4: a}, [4])[4]
+        assert bool((cam == 0).all()) == zero
+    real_check = train.check_args
+    monkeypatch.setattr(train, 'check_args', lambda args, world, device: real_check(args, world, torch.device('cuda')))
+    seen = []
+    real_align = losses.align_loss
+    monkeypatch.setattr(losses, 'align_loss', lambda logits, maps, *a, **k: seen.append(
+        {m.dtype for m in maps.values()}) or real_align(logits, maps, *a, **k))
+    run_train(tmp_path, '--kimg', '0.008', '--amp', 'fp16', '--sel', 'norm')
+    assert seen == [{torch.bfloat16}]
+
+
 def test_training_step_maths_by_hand(tmp_path, monkeypatch):
     """One 4-step run checked against hand values: lazy R1 / path length weights (x interval) and
     their Adam lr x I / (I + 1), the EMA with its ramp-up, the contrastive loss's non-saturating

@@ -602,6 +602,10 @@ def train(args, rank, world, device, init=None):
     to_float = lambda x: (x.to(torch.float32) / 127.5 - 1).contiguous(
         memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     align = args.sel != 'none' and not args.no_align and args.align_weight > 0
+    # GradCAM's inner gradient (Eq. 4) is taken without loss scaling: in fp16 it can underflow to 0, so
+    # under --amp fp16 the D pass it goes through runs in bf16 (fp32 on GPUs without bf16)
+    cam_amp = (torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type != 'cuda' or torch.cuda.is_bf16_supported())
+               if args.amp == 'fp16' else contextlib.nullcontext())
 
     if rank == 0 and not bench:
         os.makedirs(args.out, exist_ok=True)
@@ -674,7 +678,8 @@ def train(args, rank, world, device, init=None):
             with amp:
                 fake = G_main(**lat, **w_avg)
                 if align_now:  # one D pass for both losses; the eager D: GradCAM's double backward (graph)
-                    fake_logits, maps = D(fake, ref, return_maps=True, c=lat.get('c'))
+                    with cam_amp:
+                        fake_logits, maps = D(fake, ref, return_maps=True, c=lat.get('c'))
                 else:
                     fake_logits = D_main(fake, ref, c=lat.get('c'))
                 real_logits = D_main(real, ref, c=c_real).detach() if kind == 'contrastive' else None
