@@ -1837,6 +1837,24 @@ def test_tf1_resize_by_hand():
             assert out[0, 0, y, x] == pytest.approx(float(top * (1 - fy) + bottom * fy), rel=1e-5)
 
 
+def test_tf1_resize_matrix_is_built_once_per_size_and_device():
+    metrics._tf1_resize_matrix.cache_clear()
+    x = torch.rand(2, 3, 8, 8)
+    a, b = metrics.resize_tf1(x, 299, 299), metrics.resize_tf1(x, 299, 299)
+    info = metrics._tf1_resize_matrix.cache_info()
+    assert (info.misses, info.hits) == (1, 3) and torch.equal(a, b)
+
+
+def test_compile_keeps_shapes_static_for_the_reference_attention_batches(tmp_path, monkeypatch):
+    """--d-attn ref: D_main sees b primaries in Gmain and 2b in Dmain (fakes and reals sharing the
+    references): compiled with dynamic=False, one static graph each instead of a dynamic batch."""
+    calls, shapes = [], set()
+    monkeypatch.setattr(torch, 'compile', lambda net, **kw: calls.append(kw) or (
+        lambda *a, **k: (a and shapes.add(a[0].shape[0])) or net(*a, **k)))  # D's primaries (G takes keywords)
+    run_train(tmp_path, '--kimg', '0.008', '--compile', '--d-attn', 'ref', '--d-attn-res', '8')
+    assert calls == [dict(dynamic=False)] * 2 and shapes == {8, 16}  # b = 8
+
+
 def test_inception_input_protocols():
     x = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)
     assert torch.allclose(metrics._inception_input(x, 'stylegan2'), (x.float() - 128) / 128, atol=1e-6)

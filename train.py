@@ -591,8 +591,10 @@ def train(args, rank, world, device, init=None):
             for group in opt.param_groups:
                 group.update(lr=args.lr * c * scale, betas=(args.beta1 ** c, args.beta2 ** c))
     set_lr(nimg)
-    G_main = torch.compile(G) if args.compile else G  # double-backward phases use the eager modules
-    D_main = torch.compile(D) if args.compile else D
+    # double-backward phases use the eager modules. Static shapes: with --d-attn ref D sees batch 2b or 3b
+    # in Dmain and b in Gmain, which would otherwise turn into a dynamic batch dimension after one recompile
+    G_main = torch.compile(G, dynamic=False) if args.compile else G
+    D_main = torch.compile(D, dynamic=False) if args.compile else D
 
     loader = data.InfiniteLoader(dataset, b, rank, world, args.seed, nimg, args.mirror, args.workers, device, args.cond)
     ref_loader = (data.InfiniteLoader(dataset, b, rank, world, args.seed + 1, nimg, args.mirror, args.workers, device)
