@@ -300,7 +300,8 @@ class SAGAN(nn.Module):
         val = self.h(x).flatten(2).transpose(1, 2)                  # [B, HW, C/2]
         # Softmax over the attended positions i of f(x_i)^T g(x_j) (SAGAN has no 1/sqrt(d) scale);
         # explicit matmuls, not scaled_dot_product_attention, whose fused kernels lack double backward.
-        beta = softmax(query @ key, -1)                             # [B, HW(j), HW(i)]
+        with torch.autocast(x.device.type, enabled=False):  # logits and softmax in fp32 under mixed precision
+            beta = (query.float() @ key.float()).softmax(-1).to(val.dtype)  # [B, HW(j), HW(i)]
         o = (beta @ val).transpose(1, 2).reshape(B, -1, H, W)       # [B, C/2, H, W]
         return x + self.gamma * self.v(o)
 

@@ -37,7 +37,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd may hold `grad` elsewhere: reduce a copy
         dist.all_reduce(grad)
         n = grad.shape[0] // dist.get_world_size()
         return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
@@ -68,7 +68,9 @@ def contrastive_d(real, fake):
 
 
 def d_loss(kind, real, fake):
-    """D's loss from real logits [b] and fake logits [b] (the WGAN gradient penalty is separate)."""
+    """D's loss from real logits [b] and fake logits [b] (the WGAN gradient penalty is separate).
+    In fp32 whatever D's precision: under fp16 the drift term's square overflows above 256."""
+    real, fake = real.float(), fake.float()
     if kind in ('nonsat', 'sat'):  # -log sigmoid(r) - log(1 - sigmoid(f))
         return F.softplus(-real).mean() + F.softplus(fake).mean()
     if kind == 'wgan':  # critic: E[f] - E[r], plus the drift term that keeps logits near 0
@@ -86,7 +88,9 @@ def g_loss(kind, fake, real=None, g_form='swap'):
     contrastive, g_form='swap' (default): D's loss with the roles of real and fake swapped, the
       non-saturating analogue (each fake should win against the batch of reals, and each real
       should lose against the batch of fakes);
-    contrastive, g_form='minimax': G minimises the negated D objective, Eq. 2.3 as written."""
+    contrastive, g_form='minimax': G minimises the negated D objective, Eq. 2.3 as written.
+    In fp32 whatever D's precision, as d_loss."""
+    fake, real = fake.float(), (real.float() if real is not None else None)
     if kind == 'nonsat':
         return F.softplus(-fake).mean()
     if kind == 'sat':  # minimises log(1 - sigmoid(f))
@@ -121,7 +125,8 @@ def wgan_gp(D, real, fake, ref=None, t=None, c=None):
     t: the interpolation weights [B, 1, 1, 1] ~ U(0, 1) (default: a fresh draw); ref, c: D's
     references and (class-conditional D) the labels of the interpolates."""
     t = torch.rand(real.shape[0], 1, 1, 1, device=real.device) if t is None else t
-    x_hat = torch.lerp(real.detach(), fake.detach(), t).requires_grad_(True)
+    # in fp32 (the fakes may come from a bf16/fp16 G): the penalty is a regulariser, outside autocast
+    x_hat = torch.lerp(real.detach().float(), fake.detach().float(), t.float()).requires_grad_(True)
     logits = D(x_hat, **{k: v for k, v in (('ref', ref), ('c', c)) if v is not None})
     return (input_grad_sq(logits, x_hat) + 1e-12).sqrt().sub(1).square()
 

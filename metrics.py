@@ -26,6 +26,7 @@ the environment variable METRICS_NO_DOWNLOAD is set); without them those metrics
     torchrun --nproc_per_node=8 metrics.py CKPT --metrics fid50k_full
 """
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -179,6 +180,7 @@ class FIDInception(nn.Module):
         return x.mean((2, 3))                                                            # [N, 2048]
 
 
+@functools.lru_cache(maxsize=16)  # built once per size and device, not for every Inception batch (read only)
 def _tf1_resize_matrix(n_in, n_out, device):  # [n_out, n_in] weights of TF1 resize_bilinear(align_corners=False)
     src = torch.arange(n_out, dtype=torch.float32) * (n_in / n_out)  # dst * in / out, no half-pixel shift, float32 as TF
     i0 = src.floor().long()
@@ -551,7 +553,7 @@ def _sharded(n, batch, rank, world_size, produce, consumers, log, what):
         if time.perf_counter() - last > 5:  # in-loop metrics must not look like a hang
             done, last = (i + 1) * world_size * batch, time.perf_counter()
             log(f'{min(done, n)}/{n} {what}, {done / (last - t0):.0f}/s')
-    return {k: _gather(torch.stack(v), world_size)[:consumers[k][0]] for k, v in outs.items()}
+    return {k: _gather(torch.stack(v), world_size)[:consumers[k][0]].cpu() for k, v in outs.items()}  # one sync each
 
 
 def _inception_once(weights, device, rank, world_size):
@@ -613,14 +615,14 @@ def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_g
                     ref = torch.stack([torch.as_tensor(dataset[i]) for i in idx]).to(device).float() / 127.5 - 1
                 with _autocast(device, amp):
                     logits, feats = D(inp[0], ref=ref, return_features=True, **_label_kw(inp[2]))
-                return torch.cat([logits.float()[:, None], feats.float().flatten(1)], 1).cpu()
+                return torch.cat([logits.float()[:, None], feats.float().flatten(1)], 1)  # on the device until the end
             return fn
 
         def extractors(n_inc, n_swd, n_d, stream):  # {key: (count, chunk fn)} for _sharded
             out = {}
             if n_inc:
-                out['inc'] = (n_inc, lambda inp, c: inception(inp[1], protocol).cpu())  # [B, 2048]
-            if n_swd:
+                out['inc'] = (n_inc, lambda inp, c: inception(inp[1], protocol))  # [B, 2048], on the device until the end
+            if n_swd:  # to the host per chunk: at 256 px the descriptors of 16k images take ~6 GB
                 out['swd'] = (n_swd, lambda inp, c: swd_descriptors(inp[1], _seed(seed, stream, c)).cpu())
             if n_d:
                 out['d'] = (n_d, d_features(stream + 1))

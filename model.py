@@ -22,6 +22,7 @@ Run alone:
 """
 import argparse
 import collections
+import contextlib
 import copy
 import io
 import math
@@ -143,6 +144,21 @@ def modulated_conv2d(x, weight, styles, demodulate=True, up=1, f=None, fused=Fal
         w = w * dcoefs.to(w.dtype).view(B, O, 1, 1, 1)
     x = conv2d_resample(x.reshape(1, B * I, *x.shape[2:]), w.reshape(B * O, I, k, k), f, up=up, groups=B)
     return x.reshape(B, O, *x.shape[2:])
+
+
+NUM_FP16_RES = 4  # the official num_fp16_res: mixed precision in the 4 highest resolutions only
+
+
+def fp16_resolution(resolution):
+    """The lowest block resolution that runs under the caller's autocast (the official fp16_resolution)."""
+    return max(resolution // 2 ** (NUM_FP16_RES - 1), 8)
+
+
+def full_precision(on, device_type):
+    """Autocast off where `on` and autocast is active: StyleGAN2's mapping, its blocks below
+    fp16_resolution and D's epilogue run in fp32 under --amp, as the official code (whose fp16 covers
+    only the 4 highest resolutions; the low-resolution layers are cheap and the logits need the range)."""
+    return torch.autocast(device_type, enabled=False) if on and torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,8 +324,11 @@ class SynthesisBlock(nn.Module):
         if self.sel is not None:
             rgb_in = self.sel[1](x, hfeats[self.res])
             x = x if self.local_rgb else rgb_in
-        y = self.torgb(rgb_in, ws[:, self.num_conv], fused)  # [B, 3, res, res]
-        img = y if img is None else upsample2d(img, self.resample_filter) + y
+        y = self.torgb(rgb_in, ws[:, self.num_conv], fused).float()  # [B, 3, res, res]
+        # the RGB skip sum in fp32 under mixed precision too (the official code): in bf16 the final
+        # image would carry 8 mantissa bits summed over every resolution
+        with torch.autocast(y.device.type, enabled=False):
+            img = y if img is None else upsample2d(img, self.resample_filter) + y
         return x, img
 
 
@@ -356,7 +375,8 @@ class Generator(nn.Module):
 
     def map(self, z, psi=1.0, cutoff=None, update_w_avg=False, heatmaps=None, c=None):
         extra = self.spatial.flat(heatmaps) if self.spatial is not None else None
-        return self.mapping(z, c, psi, cutoff, update_w_avg, extra)
+        with full_precision(True, z.device.type):
+            return self.mapping(z, c, psi, cutoff, update_w_avg, None if extra is None else extra.float())
 
     @property
     def noise_res(self):
@@ -374,7 +394,8 @@ class Generator(nn.Module):
         for res in self.res_list:
             block = getattr(self.synthesis, f'b{res}')
             block_noise = noise[n_idx:n_idx + block.num_conv] if noise is not None else (None, None)
-            x, img = block(x, img, ws[:, w_idx:w_idx + block.num_conv + 1], noise_mode, fused, hfeats, block_noise)
+            with full_precision(res < fp16_resolution(self.img_resolution), ws.device.type):  # (fp32 blocks come first)
+                x, img = block(x, img, ws[:, w_idx:w_idx + block.num_conv + 1], noise_mode, fused, hfeats, block_noise)
             w_idx += block.num_conv
             n_idx += block.num_conv
         return img
@@ -471,7 +492,7 @@ class Discriminator(nn.Module):
                  d_attn='none', d_attn_res=8, ref_attn_eq=8, c_dim=0, mbstd_layout='contiguous'):
         super().__init__()
         ch = channels_per_res(channel_base, channel_max, resolution)
-        self.res_list = sorted((r for r in ch if r >= 8), reverse=True)
+        self.resolution, self.res_list = resolution, sorted((r for r in ch if r >= 8), reverse=True)
         if d_attn != 'none' and d_attn_res not in self.res_list:
             raise ValueError(f'--d-attn-res {d_attn_res} is not a D resolution; use a power of two in [8, {resolution}]')
         self.needs_ref, self.attn_res, self.c_dim = d_attn == 'ref', d_attn_res, c_dim
@@ -496,16 +517,20 @@ class Discriminator(nn.Module):
             img = torch.cat([img, ref])  # Siamese: one pass of the shared layers for all
         if self.c_dim and (c is None or c.shape != (B, self.c_dim)):
             raise ValueError(f'this D is class-conditional: call D(img, c=one_hot) with c of shape [{B}, {self.c_dim}]')
-        x, maps = None, {}
+        x, maps, dev = None, {}, img.device.type
         for res in self.res_list:
             block = getattr(self, f'b{res}')
-            if self.needs_ref and res == self.attn_res:  # Eq. 2.8: the streams fuse here
-                x = block.fromrgb(img) if x is None else x  # (here: at the top resolution)
-                x = block(x[:B], ref=x[B:].repeat(B // (x.shape[0] - B), 1, 1, 1))
-            else:
-                x = block(x, img)
+            fp32 = res < fp16_resolution(self.resolution)
+            with full_precision(fp32, dev):
+                x = x.float() if fp32 and x is not None else x
+                if self.needs_ref and res == self.attn_res:  # Eq. 2.8: the streams fuse here
+                    x = block.fromrgb(img) if x is None else x  # (here: at the top resolution)
+                    x = block(x[:B], ref=x[B:].repeat(B // (x.shape[0] - B), 1, 1, 1))
+                else:
+                    x = block(x, img)
             maps[res // 2] = x
-        logits, feat = self.b4(x, self.mapping(None, c) if self.c_dim else None)
+        with full_precision(True, dev):
+            logits, feat = self.b4(x.float(), self.mapping(None, c) if self.c_dim else None)
         out = (logits, feat) if return_features else (logits,)
         return (*out, maps) if return_maps else (out[0] if len(out) == 1 else out)
 
@@ -583,11 +608,12 @@ class SNLayer(nn.Module):
 
     def forward(self, x):
         w = self.weight.flatten(1)  # [out, in * k * k]
-        if self.training:
-            with torch.no_grad():  # Algorithm 1: v <- W^T u / |W^T u|, u <- W v / |W v|
-                self.v.copy_(F.normalize(w.t() @ self.u, dim=0))
-                self.u.copy_(F.normalize(w @ self.v, dim=0))
-        sigma = self.u.clone() @ w @ self.v.clone()  # clones: a later forward updates u, v in place before backward
+        with torch.autocast(x.device.type, enabled=False):  # power iteration and sigma in fp32 under mixed precision
+            if self.training:
+                with torch.no_grad():  # Algorithm 1: v <- W^T u / |W^T u|, u <- W v / |W v|
+                    self.v.copy_(F.normalize(w.t() @ self.u, dim=0))
+                    self.u.copy_(F.normalize(w @ self.v, dim=0))
+            sigma = self.u.clone() @ w @ self.v.clone()  # clones: a later forward updates u, v in place before backward
         w = (self.weight / sigma).to(x.dtype)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         return F.conv2d(x, w, b, self.stride, self.padding) if self.k else F.linear(x, w, b)

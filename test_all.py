@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import types
 import zipfile
 
@@ -176,6 +177,86 @@ def test_fp16_prenormalisation_keeps_correlated_sums_finite(case, fused):
             y = model.modulated_conv2d(x, weight, styles, fused=fused)
     assert y.dtype == torch.float16 and y.isfinite().all()
     assert torch.allclose(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_generator_sums_its_rgb_skip_path_in_fp32_under_autocast():
+    """Under bf16 autocast each block's toRGB output joins the upsampled image in fp32 (the official
+    code), so the image G returns is fp32 and equals that sum computed from the blocks' own outputs."""
+    G, _ = tiny()
+    imgs = []
+    for res in G.res_list:
+        getattr(G.synthesis, f'b{res}').register_forward_hook(lambda m, i, out: imgs.append(out[1]))
+    torch.manual_seed(1)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        img = G(torch.randn(2, 32), noise_mode='const')
+    assert img.dtype == torch.float32 and all(x.dtype == torch.float32 for x in imgs)
+    assert imgs[-1] is img
+
+
+def test_autocast_covers_only_the_four_highest_resolutions_as_the_official_code():
+    """Under autocast (here bf16 on the CPU) StyleGAN2's mapping, its blocks below the official
+    fp16_resolution (the 4 highest resolutions, at least 8) and D's epilogue run in fp32."""
+    assert [model.fp16_resolution(r) for r in (16, 32, 64, 128, 256, 1024)] == [8, 8, 8, 16, 32, 128]
+    torch.manual_seed(0)
+    G, D = model.build_networks({**TINY, 'resolution': 128, 'channel_base': 512, 'channel_max': 16})
+    dtypes = {}
+    hook = lambda name: (lambda m, i, out: dtypes.update({name: (out[0] if isinstance(out, tuple) else out).dtype}))
+    G.mapping.register_forward_hook(hook('mapping'))
+    D.b4.register_forward_hook(hook('D.b4'))
+    for res in G.res_list:
+        getattr(G.synthesis, f'b{res}').register_forward_hook(hook(f'G.b{res}'))
+    for res in D.res_list:
+        getattr(D, f'b{res}').register_forward_hook(hook(f'D.b{res}'))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        logits = D(G(torch.randn(2, 32)))
+    bf16 = {k for k, v in dtypes.items() if v == torch.bfloat16}
+    assert bf16 == {'G.b16', 'G.b32', 'G.b64', 'G.b128', 'D.b128', 'D.b64', 'D.b32', 'D.b16'}, dtypes
+    assert logits.dtype == torch.float32 and len(dtypes) == 2 + 6 + 5
+
+
+def test_losses_take_low_precision_logits_in_fp32():
+    """Every loss casts the logits first: the WGAN drift term's square of 300 overflows fp16 (65504)."""
+    big, low = torch.full([4], 300.0), torch.tensor([-2.0, -0.5, 0.5, 2.0])  # exact in fp16
+    for kind in losses.LOSSES:
+        for real, fake in [(big, low), (low, big)]:
+            want_d, want_g = losses.d_loss(kind, real, fake), losses.g_loss(kind, fake, real)
+            got_d, got_g = losses.d_loss(kind, real.half(), fake.half()), losses.g_loss(kind, fake.half(), real.half())
+            assert got_d.dtype == got_g.dtype == torch.float32, kind
+            assert torch.allclose(got_d, want_d) and torch.allclose(got_g, want_g), kind
+
+
+def test_spectral_norm_and_sagan_logits_stay_fp32_under_autocast():
+    """SN's power iteration and sigma are not autocast (the buffers u, v after a bf16 forward equal
+    those of an fp32 one); SAGAN's attention logits reach the softmax in fp32."""
+    torch.manual_seed(0)
+    layer = model.SNLayer(16, 24, k=3, padding=1)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(2, 16, 5, 5)
+    layer(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        twin(x)
+    assert torch.equal(layer.u, twin.u) and torch.equal(layer.v, twin.v)
+    seen = []
+
+    class Softmaxes(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.softmax, torch.softmax):
+                seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+    sagan = attention.SAGAN(16)
+    with torch.autocast('cpu', dtype=torch.bfloat16), Softmaxes():
+        sagan(torch.randn(2, 16, 4, 4))
+    assert seen == [torch.float32]
+
+
+def test_device_cuda_n_outside_torchrun_becomes_the_current_device(monkeypatch):
+    """--device cuda:1 in a single process: the benchmark's syncs and every kernel go to GPU 1, not 0."""
+    set_to = []
+    monkeypatch.delenv('RANK', raising=False)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'set_device', set_to.append)
+    assert train.init_distributed('cuda:1') == (0, 1, torch.device('cuda:1')) and set_to == [torch.device('cuda:1')]
+    assert train.init_distributed('cpu')[2] == torch.device('cpu') and len(set_to) == 1
 
 
 def test_demodulation_gives_unit_variance():
@@ -1813,6 +1894,24 @@ def test_tf1_resize_by_hand():
             assert out[0, 0, y, x] == pytest.approx(float(top * (1 - fy) + bottom * fy), rel=1e-5)
 
 
+def test_tf1_resize_matrix_is_built_once_per_size_and_device():
+    metrics._tf1_resize_matrix.cache_clear()
+    x = torch.rand(2, 3, 8, 8)
+    a, b = metrics.resize_tf1(x, 299, 299), metrics.resize_tf1(x, 299, 299)
+    info = metrics._tf1_resize_matrix.cache_info()
+    assert (info.misses, info.hits) == (1, 3) and torch.equal(a, b)
+
+
+def test_compile_keeps_shapes_static_for_the_reference_attention_batches(tmp_path, monkeypatch):
+    """--d-attn ref: D_main sees b primaries in Gmain and 2b in Dmain (fakes and reals sharing the
+    references): compiled with dynamic=False, one static graph each instead of a dynamic batch."""
+    calls, shapes = [], set()
+    monkeypatch.setattr(torch, 'compile', lambda net, **kw: calls.append(kw) or (
+        lambda *a, **k: (a and shapes.add(a[0].shape[0])) or net(*a, **k)))  # D's primaries (G takes keywords)
+    run_train(tmp_path, '--kimg', '0.008', '--compile', '--d-attn', 'ref', '--d-attn-res', '8')
+    assert calls == [dict(dynamic=False)] * 2 and shapes == {8, 16}  # b = 8
+
+
 def test_inception_input_protocols():
     x = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)
     assert torch.allclose(metrics._inception_input(x, 'stylegan2'), (x.float() - 128) / 128, atol=1e-6)
@@ -2125,6 +2224,10 @@ def _ddp_worker(rank, world_size, init, out):
     torch.set_num_threads(1)
     G, D = _met_nets()
     res = metrics.evaluate(MET_NAMES, G, D, TinyData(), 'cpu', rank, world_size, log=lambda s: None, **MET_KW)
+    x = torch.full([2], float(rank), requires_grad=True)  # the contrastive loss's all-gather: its backward
+    g = torch.ones(4)  # must not all-reduce the incoming gradient in place (autograd may hold it elsewhere)
+    losses.all_gather(x).backward(g)
+    res['all_gather'] = [x.grad.tolist(), g.tolist()]
     with open(os.path.join(out, f'{rank}.json'), 'w') as f:
         json.dump(res, f)
     dist.destroy_process_group()
@@ -2139,6 +2242,7 @@ def test_ddp_sharded_equals_single_process(tmp_path):
         assert res['di'] == pytest.approx(single['di'], rel=1e-6, abs=1e-6)
         assert res['fddf'] == pytest.approx(single['fddf'], rel=1e-6, abs=1e-6)
         assert res['swd'] == pytest.approx(single['swd'], rel=1e-6, abs=1e-6)
+        assert res['all_gather'] == [[2.0, 2.0], [1.0] * 4]  # summed over the ranks; the caller's gradient untouched
 
 
 def test_cli_prints_one_json_line(monkeypatch, capsys):
@@ -2316,6 +2420,40 @@ def test_phase_step_zeroes_nonfinite_grads_but_leaves_overflow_to_the_fp16_scale
     assert torch.allclose(lin.weight, w0 - 0.5 * torch.tensor([[1e5, 1.0, 2.0]]), rtol=0, atol=1e-2)
 
 
+def test_phase_step_keeps_each_gradient_in_its_parameters_layout():
+    """channels_last weights get channels_last gradients (views of the one flat all-reduce buffer),
+    which a fused Adam needs: its updates then equal those of the contiguous weights."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LeakyReLU(0.2), nn.Conv2d(8, 4, 1))
+    x = torch.randn(2, 3, 6, 6)
+    nets = {}
+    for layout, fused in itertools.product([torch.contiguous_format, torch.channels_last], [False, True]):
+        net = copy.deepcopy(ref).to(memory_format=layout)
+        opt = torch.optim.Adam(net.parameters(), lr=0.1, fused=fused)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            train.phase_step(net, opt, torch.amp.GradScaler('cpu', enabled=False),
+                             net(x.contiguous(memory_format=layout)).square().mean(), world=1)
+            assert all(p.grad.stride() == p.stride() for p in net.parameters())
+        nets[layout, fused] = net
+    assert nets[torch.channels_last, False][0].weight.is_contiguous(memory_format=torch.channels_last)
+    for key, net in nets.items():
+        for p, q in zip(net.parameters(), nets[torch.contiguous_format, False].parameters()):
+            assert torch.allclose(p, q, atol=1e-6, rtol=0), key
+
+
+def test_channels_last_training_equals_contiguous_training(tmp_path):
+    """--channels-last (weights, gradients, Adam's state, G_ema, images) trains as the contiguous run,
+    with a foreach and with a fused Adam (2 steps, R1 and path length included)."""
+    flags = ['--kimg', '0.016', '--pl-weight', '2', '--pl-interval', '1']
+    a = load(f'{run_train(tmp_path, *flags, name="a")}/ckpt-0000002.pt')
+    for adam in ('foreach', 'fused'):
+        b = load(f'{run_train(tmp_path, *flags, "--adam", adam, "--channels-last", name=adam)}/ckpt-0000002.pt')
+        for net in ('G', 'G_ema'):
+            assert b[net]['synthesis.b8.conv1.weight'].is_contiguous(memory_format=torch.channels_last)
+        assert_same_state(a, b, atol=1e-4)  # Adam steps are lr=2e-3: a layout mix-up moves weights by far more
+
+
 def test_training_writes_logs_grids_and_checkpoints(tmp_path):
     out = run_train(tmp_path, '--kimg', '0.032', '--snap-kimg', '0.016', '--keep', '1', '--pl-weight', '2',
                     '--pl-interval', '2', '--r1-interval', '2', '--gamma', '1')
@@ -2447,19 +2585,40 @@ def test_lr_decays_linearly_to_zero_and_a_stopped_run_resumes_on_the_schedule(tm
                  '--lr-decay-kimg 0.04 must lie in [0, --kimg 0.032]')
 
 
-def test_resume_may_switch_to_fp16_loss_scaling(tmp_path, monkeypatch):
+def test_resume_may_switch_to_fp16_loss_scaling(tmp_path, monkeypatch, capsys):
     """A run without fp16 saves empty GradScaler states; resumed with --amp fp16 (a GPU flag, let
     through on the CPU here) the scalers start a new scale instead of failing to load them; the
-    fp16 run's scale then goes to its checkpoint and back."""
+    fp16 run's scale then goes to its checkpoint and back. The switch says that it clamps activations now."""
     real_check = train.check_args
     monkeypatch.setattr(train, 'check_args', lambda args, world, device: real_check(args, world, torch.device('cuda')))
     out = run_train(tmp_path, '--kimg', '0.008')
     assert load(f'{out}/ckpt-0000001.pt')['scaler_G'] == {}
+    capsys.readouterr()
     run_train(tmp_path, '--kimg', '0.016', '--amp', 'fp16')
+    assert 'note: --amp fp16 clamps activations at +-256 (conv_clamp' in capsys.readouterr().out
     saved = load(f'{out}/ckpt-0000002.pt')['scaler_G']
     assert saved['scale'] > 0
     run_train(tmp_path, '--kimg', '0.024', '--amp', 'fp16')
     assert load(f'{out}/ckpt-0000003.pt')['scaler_G']['_growth_tracker'] == saved['_growth_tracker'] + 1
+
+
+def test_gradcam_under_fp16_goes_through_a_bf16_d_pass(tmp_path, monkeypatch):
+    """GradCAM's inner gradient has no loss scaling: through fp16 activations it underflows (shown
+    here: 1e-4 x 1e-4 is below fp16's smallest subnormal, the CAM comes out all zero), so under
+    --amp fp16 the alignment's D pass runs in bf16 (fp32 on GPUs without it)."""
+    a = (torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) + 0.5).requires_grad_(True)
+    for dtype, zero in [(torch.float16, True), (torch.bfloat16, False)]:
+        logits = (a.to(dtype) * torch.full_like(a, 1e-4, dtype=dtype)).sum([1, 2, 3]) * torch.tensor(1e-4, dtype=dtype)
+        cam = losses.gradcam(logits, {4: a}, [4])[4]
+        assert bool((cam == 0).all()) == zero
+    real_check = train.check_args
+    monkeypatch.setattr(train, 'check_args', lambda args, world, device: real_check(args, world, torch.device('cuda')))
+    seen = []
+    real_align = losses.align_loss
+    monkeypatch.setattr(losses, 'align_loss', lambda logits, maps, *a, **k: seen.append(
+        {m.dtype for m in maps.values()}) or real_align(logits, maps, *a, **k))
+    run_train(tmp_path, '--kimg', '0.008', '--amp', 'fp16', '--sel', 'norm')
+    assert seen == [{torch.bfloat16}]
 
 
 def test_training_step_maths_by_hand(tmp_path, monkeypatch):
@@ -2724,13 +2883,33 @@ def test_write_failure_and_bad_image_mid_run_keep_the_work(tmp_path, capsys, mon
     assert load(sorted(glob.glob(f'{tmp_path}/run/ckpt-*.pt'))[-1])['step'] == 8
 
 
-def torchrun(args, nproc, cwd):
+def torchrun(args, nproc, cwd, ok=True):
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_port', str(29500 + os.getpid() % 1000),
            os.path.join(HERE, 'train.py')] + args
     env = dict(os.environ, OMP_NUM_THREADS='1')
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert (r.returncode == 0) == ok, r.stdout[-2000:] + r.stderr[-4000:]
     return r
+
+
+def test_ddp_bad_image_on_one_rank_stops_every_rank_in_the_same_step(tmp_path):
+    """A truncated image that only one of 2 gloo processes reads: every process learns of it in the
+    same step (no rank left waiting in a collective), each says why in one line, and rank 0 alone
+    writes the steps done (one checkpoint, no .tmp left)."""
+    root = tmp_path / 'imgs'
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f'{i:02d}.png')
+    bad = sorted(root.iterdir())[40]  # past the 32 of reals.png: read in training, by one rank only
+    bad.write_bytes(bad.read_bytes()[:100])
+    r = torchrun(TINY_FLAGS + ['--out', str(tmp_path / 'run'), '--data', str(root), '--kimg', '0.064', '--snap-kimg', '1'],
+                 2, tmp_path, ok=False)
+    errors = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 2, r.stderr[-4000:]  # one line from each rank
+    assert sum('could not be decoded' in e for e in errors) == 1 and sum('another process' in e for e in errors) == 1
+    ckpts = glob.glob(f'{tmp_path}/run/ckpt-*.pt')
+    assert len(ckpts) == 1 and load(ckpts[0])['step'] >= 1 and not glob.glob(f'{tmp_path}/run/*.tmp')
 
 
 def test_ddp_two_processes_match_one(tmp_path):
@@ -3028,7 +3207,28 @@ def test_benchmark_mode_times_phases(tmp_path, capsys):
     out = capsys.readouterr().out
     line = json.loads([s for s in out.splitlines() if s.startswith('{')][-1])
     assert line['bench']['img_per_sec'] > 0 and set(line['bench']['phases_ms']) >= {'Gmain', 'Greg', 'Dmain', 'Dreg', 'ema'}
+    assert line['bench']['loader_ms_per_step'] >= 0 and 'waiting for the loader (the built-in dataset, --workers 0' in out
     assert not os.path.exists(tmp_path / 'bench')  # the benchmark writes nothing
+    steps = []
+    args = types.SimpleNamespace(bench_steps=2, workers=0)
+    train.benchmark(args, lambda i, real, ref: steps.append(i) or {'Gmain': time.perf_counter()}, iter(range(5)), None,
+                    torch.device('cpu'), 8, rank=1)
+    assert steps == [0, 1, 2, 3, 4] and capsys.readouterr().out == ''  # under torchrun only rank 0 prints
+
+
+def test_tf32_is_off_in_the_double_backward_regularisers_unless_asked(tmp_path, monkeypatch):
+    """--tf32 main (default): the main phases may use TF32, R1 and path length run in full fp32 (the
+    official code); --tf32 none: nowhere (the official default). Read in each phase's loss."""
+    seen = []
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    for name in ('g_loss', 'd_loss', 'r1_penalty', 'path_length_penalty'):
+        real = getattr(losses, name)
+        monkeypatch.setattr(losses, name, lambda *a, _real=real, _name=name, **k: seen.append((_name, flags())) or _real(*a, **k))
+    for tf32, main, reg in [('main', True, False), ('none', False, False)]:
+        seen.clear()
+        run_train(tmp_path, '--kimg', '0.008', '--pl-weight', '2', '--tf32', tf32, name=tf32)  # step 0: R1 and path length
+        assert sorted(seen) == [('d_loss', (main,) * 2), ('g_loss', (main,) * 2), ('path_length_penalty', (reg,) * 2),
+                                ('r1_penalty', (reg,) * 2)]
 
 
 def test_lazy_alignment_runs_every_n_steps_with_weight_times_n(tmp_path, monkeypatch):
@@ -4259,6 +4459,20 @@ def test_backbones_train_with_every_loss(tmp_path, arch, loss):
     torch.manual_seed(0)  # the run's initial G (--seed 0): its weights moved
     G0 = model.build_networks({**SMALL, 'arch': arch, 'resolution': 16})[0]
     assert all(not torch.allclose(ck['G'][k], v, atol=1e-6) for k, v in G0.named_parameters())
+
+
+@pytest.mark.parametrize('arch', model.ARCHS)
+@pytest.mark.parametrize('loss', losses.LOSSES)
+def test_every_backbone_and_loss_trains_under_bf16_autocast(tmp_path, arch, loss):
+    """--amp bf16 with every loss on every backbone (the WGAN penalty once met fp32 reals and bf16
+    fakes): one step, its losses and the weights finite and fp32. (The regularisers run in fp32, outside autocast.)"""
+    extra = ['--kimg', '0.008', '--amp', 'bf16', '--loss', loss, *(['--warmup-kimg', '0'] if loss == 'contrastive' else [])]
+    out = run_train(tmp_path, *extra) if arch == 'stylegan2' else run_sn(tmp_path, arch, *extra)
+    log = [json.loads(line) for line in open(f'{out}/log.jsonl')]
+    assert log[-1]['step'] == 1 and all(math.isfinite(v) for line in log for v in line.values())
+    assert ('D/gp' in log[-1]) == (loss == 'wgan')
+    ck = load(f'{out}/ckpt-0000001.pt')
+    assert all(v.dtype != torch.bfloat16 and torch.isfinite(v).all() for k in ('G', 'D') for v in ck[k].values())
 
 
 @pytest.mark.parametrize('arch', ['sndcgan', 'sngan'])

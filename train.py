@@ -148,8 +148,14 @@ def make_parser():
     # speed
     a('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='autocast the main phases')
     a('--compile', action='store_true', help='torch.compile G and D for the main phases')
-    a('--channels-last', action='store_true', help='channels_last memory format')
-    a('--bench-steps', type=int, default=0, help='benchmark: time N steps after 3 warm-up steps, write nothing')
+    a('--channels-last', action='store_true', help='channels_last memory format (weights, gradients, optimizer state, G_ema, images)')
+    a('--adam', default='auto', choices=['auto', 'foreach', 'fused'],
+      help="Adam's implementation: 'auto' is fused on CUDA (no GradScaler host syncs), PyTorch's default elsewhere")
+    a('--tf32', default='main', choices=['main', 'all', 'none'],
+      help="TF32 matmuls and convolutions (Ampere+ GPUs): in the main phases only, with the double-backward "
+           "regularisers (R1, path length) in full fp32 as the official code; everywhere; or nowhere (the official default)")
+    a('--bench-steps', type=int, default=0, help='benchmark: time N steps after 3 warm-up steps on the built-in '
+                                                 'dataset (through the loader, --workers), write nothing')
     # logging, snapshots, metrics
     a('--log-sec', type=float, default=10, help='seconds between log lines')
     a('--snap-kimg', type=float, help='kimg between snapshots: grid, checkpoint (cpu: 2, others: 50)')
@@ -263,6 +269,8 @@ def init_distributed(device_flag):
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise UserError(f'--device {device_flag}: PyTorch sees no CUDA GPU here; use --device cpu')
     if 'RANK' not in os.environ:
+        if dev.type == 'cuda' and dev.index is not None:  # else kernels, syncs and a stray context land on GPU 0
+            torch.cuda.set_device(dev)
         return 0, 1, dev
     local = int(os.environ.get('LOCAL_RANK', 0))
     cuda = dev.type == 'cuda'
@@ -270,6 +278,10 @@ def init_distributed(device_flag):
         torch.cuda.set_device(local)
     dist.init_process_group('nccl' if cuda else 'gloo')
     return dist.get_rank(), dist.get_world_size(), torch.device(f'cuda:{local}' if cuda else 'cpu')
+
+
+def set_tf32(on):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
 
 
 def lr_scale(nimg, total, decay_kimg):
@@ -286,18 +298,26 @@ def phase_step(net, opt, scaler, loss, world):
     layers that a phase does not reach). Non-finite gradient entries are zeroed like the official
     code, except under fp16 loss scaling: there an inf is the overflow the scaler must see to skip
     the step and lower its scale (the all_reduce spreads it, so every process skips). Returns the norm of
-    the averaged gradient (None under fp16 loss scaling)."""
+    the averaged gradient (None under fp16 loss scaling).
+    Each gradient becomes a view of the flat buffer with its parameter's strides (channels_last
+    included): the optimizer's foreach kernels then group them, and a fused Adam, which assumes a
+    gradient laid out as its parameter, updates the right elements."""
     scaler.scale(loss).backward()
     params = [p for p in net.parameters() if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
+    flat = torch.empty(offsets[-1], dtype=params[0].dtype, device=params[0].device)
+    views = [flat.as_strided(p.shape, p.stride(), o) for p, o in zip(params, offsets)]  # dense: contiguous or channels_last
+    torch._foreach_copy_(views, grads)
     if world > 1:
         dist.all_reduce(flat)
         flat /= world
     if not scaler.is_enabled():
-        flat = flat.nan_to_num(nan=0, posinf=1e5, neginf=-1e5)
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
+        torch.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
+    for p, g in zip(params, views):
+        p.grad = g
     scaler.step(opt)
     scaler.update()
     return None if scaler.is_enabled() else flat.norm()  # the gradient's norm (not under fp16: it is scaled there)
@@ -562,7 +582,7 @@ def train(args, rank, world, device, init=None):
     if device.type == 'cpu':
         keep_freed_memory()
     torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_tf32(args.tf32 != 'none')
     bench = args.bench_steps > 0
     B, b = args.batch, args.batch // world
     stylegan = args.arch == 'stylegan2'
@@ -589,14 +609,18 @@ def train(args, rank, world, device, init=None):
             print0(f'init from {args.init}: ' + load_init(net, init[key], key), rank=rank)
     del init
     G, D, G_ema = G.to(device), D.to(device), G_ema.to(device)
-    if args.channels_last:
-        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    if args.channels_last:  # G_ema too: its lerp towards G then pairs tensors of one layout
+        G, D, G_ema = (net.to(memory_format=torch.channels_last) for net in (G, D, G_ema))
     # The official code sets both lazy intervals always, so its G runs at lr x 4/5 even without path
     # length (e.g. EqGAN-SA's --pl_w=0); the SN backbones are lazy only where R1 is on.
     c_G = args.pl_interval / (args.pl_interval + 1) if stylegan else 1
     c_D = args.r1_interval / (args.r1_interval + 1) if stylegan or args.gamma > 0 else 1
-    opt_G = torch.optim.Adam(G.parameters(), eps=1e-8)  # lr and betas: set below, after a resume too
-    opt_D = torch.optim.Adam(D.parameters(), eps=1e-8)
+    # fused Adam: one kernel per step, and GradScaler hands it the scale and the overflow flag on the
+    # device (the foreach step unscales and checks for infs with host syncs)
+    fused = args.adam == 'fused' or args.adam == 'auto' and device.type == 'cuda'
+    impl = dict(fused=fused or None, foreach=args.adam == 'foreach' or None)  # None: PyTorch's choice
+    opt_G = torch.optim.Adam(G.parameters(), eps=1e-8, **impl)  # lr and betas: set below, after a resume too
+    opt_D = torch.optim.Adam(D.parameters(), eps=1e-8, **impl)
     scaler_G = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     scaler_D = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     pl_mean = torch.zeros([], device=device)
@@ -608,8 +632,10 @@ def train(args, rank, world, device, init=None):
         try:
             for net, key in [(G, 'G'), (D, 'D'), (G_ema, 'G_ema')]:
                 model.load_weights(net, ckpt[key])
-            opt_G.load_state_dict(ckpt['opt_G'])
-            opt_D.load_state_dict(ckpt['opt_D'])
+            for opt, key in [(opt_G, 'opt_G'), (opt_D, 'opt_D')]:
+                for group in ckpt[key]['param_groups']:  # this run's implementation, not the saved one's
+                    group.update(impl)
+                opt.load_state_dict(ckpt[key])
             for scaler, key in [(scaler_G, 'scaler_G'), (scaler_D, 'scaler_D')]:
                 if ckpt[key]:  # empty from a run without fp16: a switch to --amp fp16 starts a new scale
                     scaler.load_state_dict(ckpt[key])
@@ -620,6 +646,10 @@ def train(args, rank, world, device, init=None):
             raise UserError(f'checkpoint {resume} does not fit this code ({type(e).__name__}: '
                             f'{" ".join(str(e).split())[:200]}); use another --out') from None
         print0(f'resumed {resume} at kimg {nimg / 1000:.3f} (step {step})', rank=rank)
+        if ckpt['args'].get('conv_clamp') != args.conv_clamp:  # the networks' function changes with --amp
+            print0(f'note: --amp {args.amp} {"clamps" if args.conv_clamp else "no longer clamps"} activations at '
+                   f'+-{args.conv_clamp or ckpt["args"]["conv_clamp"]} (conv_clamp; the checkpoint\'s run: '
+                   f'{ckpt["args"]["conv_clamp"]}), as the official code under mixed precision', rank=rank)
         del ckpt
     total = int(args.kimg * 1000)
 
@@ -629,8 +659,10 @@ def train(args, rank, world, device, init=None):
             for group in opt.param_groups:
                 group.update(lr=args.lr * c * scale, betas=(args.beta1 ** c, args.beta2 ** c))
     set_lr(nimg)
-    G_main = torch.compile(G) if args.compile else G  # double-backward phases use the eager modules
-    D_main = torch.compile(D) if args.compile else D
+    # double-backward phases use the eager modules. Static shapes: with --d-attn ref D sees batch 2b or 3b
+    # in Dmain and b in Gmain, which would otherwise turn into a dynamic batch dimension after one recompile
+    G_main = torch.compile(G, dynamic=False) if args.compile else G
+    D_main = torch.compile(D, dynamic=False) if args.compile else D
 
     loader = data.InfiniteLoader(dataset, b, rank, world, args.seed, nimg, args.mirror, args.workers, device, args.cond)
     ref_loader = (data.InfiniteLoader(dataset, b, rank, world, args.seed + 1, nimg, args.mirror, args.workers, device)
@@ -640,6 +672,10 @@ def train(args, rank, world, device, init=None):
     to_float = lambda x: (x.to(torch.float32) / 127.5 - 1).contiguous(
         memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     align = args.sel != 'none' and not args.no_align and args.align_weight > 0
+    # GradCAM's inner gradient (Eq. 4) is taken without loss scaling: in fp16 it can underflow to 0, so
+    # under --amp fp16 the D pass it goes through runs in bf16 (fp32 on GPUs without bf16)
+    cam_amp = (torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type != 'cuda' or torch.cuda.is_bf16_supported())
+               if args.amp == 'fp16' else contextlib.nullcontext())
 
     if rank == 0 and not bench:
         os.makedirs(args.out, exist_ok=True)
@@ -698,6 +734,7 @@ def train(args, rank, world, device, init=None):
 
         def begin(name, net, opt):  # only the phase's network takes gradients
             tic(name)
+            set_tf32(args.tf32 == 'all' or args.tf32 == 'main' and name.endswith('main'))
             G.requires_grad_(net is G)
             D.requires_grad_(net is D)
             opt.zero_grad(set_to_none=True)
@@ -711,7 +748,8 @@ def train(args, rank, world, device, init=None):
             with amp:
                 fake = G_main(**lat, **w_avg)
                 if align_now:  # one D pass for both losses; the eager D: GradCAM's double backward (graph)
-                    fake_logits, maps = D(fake, ref, return_maps=True, c=lat.get('c'))
+                    with cam_amp:
+                        fake_logits, maps = D(fake, ref, return_maps=True, c=lat.get('c'))
                 else:
                     fake_logits = D_main(fake, ref, c=lat.get('c'))
                 real_logits = D_main(real, ref, c=c_real).detach() if kind == 'contrastive' else None
@@ -780,12 +818,12 @@ def train(args, rank, world, device, init=None):
         beta = 0.5 ** (B / max(ema_nimg, 1e-8))
         with torch.no_grad():
             torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1 - beta)
-            for be, bg in zip(G_ema.buffers(), G.buffers()):
-                be.copy_(bg)
+            torch._foreach_copy_(list(G_ema.buffers()), list(G.buffers()))
+        set_tf32(args.tf32 != 'none')  # the metrics' and grids' setting
         return timings
 
     if bench:
-        benchmark(args, train_step, loader, ref_loader, device, B)
+        benchmark(args, train_step, loader, ref_loader, device, B, rank)
         return 0
 
     # The loop
@@ -793,12 +831,12 @@ def train(args, rank, world, device, init=None):
     names = [m for m in args.metrics.split(',') if m and m != 'none']
     ctl = dist.new_group(backend='gloo') if world > 1 else None  # host-side flags, no device sync
 
-    def agree(flag, anyone=False):  # (rank 0's flag, whether any process set `anyone`), the same on every process
+    def agree(flag, *anyone):  # (rank 0's flag, whether any process set each of `anyone`), the same on every process
         if world == 1:
-            return flag, anyone
-        t = torch.tensor([int(flag and rank == 0), int(anyone)])
+            return (flag, *anyone)
+        t = torch.tensor([int(flag and rank == 0), *map(int, anyone)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctl)
-        return bool(t[0]), bool(t[1])
+        return tuple(map(bool, t))
 
     finite = lambda: all(bool(torch.isfinite(p).all()) for net in (G, D) for p in net.parameters())
 
@@ -865,20 +903,29 @@ def train(args, rank, world, device, init=None):
     with stop_requests(rank, world) as stop:  # Ctrl-C / SIGTERM: no more batches; log, save, exit
         stopping = lambda: agree(False, bool(stop))[1]  # any process's signal, the same answer on all
         while nimg < total:
-            if stopping():  # checked before a batch is fetched
+            try:
+                batch = next(loader)
+                ref_u8 = next(ref_loader) if ref_loader is not None else None
+                bad = None
+            except data.DataError as e:  # e.g. a truncated image, which only this process may have read
+                bad = e
+            # one agreement per step on both: a signal and a data error anywhere stop every process here
+            _, signalled, broken = agree(False, bool(stop), bad is not None)
+            if broken:  # keep the steps since the last snapshot (one writer), then all stop together
+                try:
+                    if rank == 0 and step > saved and finite():
+                        checkpoint(step, nimg)
+                finally:  # none exits (and torchrun ends the others) while rank 0 writes
+                    if world > 1:
+                        dist.barrier(group=ctl)
+                raise bad or UserError('stopped: another process could not read an image (its error above)')
+            if signalled:  # (the batch just fetched is fetched again on resume)
                 if stats:
                     log_line()
                 if step > saved:
                     save()
                 print0(f'stopped at kimg {nimg / 1000:.2f} with a checkpoint; the same command resumes', rank=rank)
                 return 128 + (stop[0][0] if stop else signal.SIGTERM)  # the shell's code for "ended by a signal"
-            try:
-                batch = next(loader)
-                ref_u8 = next(ref_loader) if ref_loader is not None else None
-            except data.DataError:  # e.g. a truncated image: keep the steps since the last snapshot
-                if step > saved and finite():
-                    checkpoint(step, nimg)
-                raise
             set_lr(nimg)
             train_step(step, batch, ref_u8)
             step += 1
@@ -961,12 +1008,16 @@ def generate_images(G, z, heatmaps, batch, c=None):
     return model.to_uint8(torch.cat(out))
 
 
-def benchmark(args, train_step, loader, ref_loader, device, B):
-    """Full training steps on synthetic data: 3 warm-up steps, then args.bench_steps timed ones."""
+def benchmark(args, train_step, loader, ref_loader, device, B, rank=0):
+    """Full training steps on the built-in dataset: 3 warm-up steps, then args.bench_steps timed ones.
+    img/s includes the wait for the loader (its own line says how long); rank 0 prints."""
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    per_phase, t0 = {}, None
+    per_phase, t0, waited = {}, None, 0.0
     for i in range(3 + args.bench_steps):
+        t_fetch = time.perf_counter()
         real, ref = next(loader), (next(ref_loader) if ref_loader is not None else None)
+        if i > 3:  # the first timed batch was fetched before the clock started
+            waited += time.perf_counter() - t_fetch
         if i == 3:
             sync()
             if device.type == 'cuda':
@@ -982,10 +1033,13 @@ def benchmark(args, train_step, loader, ref_loader, device, B):
     res = dict(img_per_sec=round(args.bench_steps * B / dt, 2), ms_per_step=round(1000 * dt / args.bench_steps, 1),
                peak_mem_gb=round(peak_memory_gb(device), 3),
                phases_ms={k: round(1000 * sum(v) / len(v), 1) for k, v in per_phase.items()},
-               phase_counts={k: len(v) for k, v in per_phase.items()})
-    print(f'bench: {res["img_per_sec"]} img/s, {res["ms_per_step"]} ms/step, peak {res["peak_mem_gb"]} GB; '
-          f'ms per phase occurrence: {res["phases_ms"]} over {res["phase_counts"]} occurrences', flush=True)
-    print(json.dumps(dict(bench=res, args=vars(args))), flush=True)
+               phase_counts={k: len(v) for k, v in per_phase.items()},
+               loader_ms_per_step=round(1000 * waited / max(1, args.bench_steps - 1), 2))
+    print0(f'bench: {res["img_per_sec"]} img/s, {res["ms_per_step"]} ms/step, peak {res["peak_mem_gb"]} GB; '
+           f'ms per phase occurrence: {res["phases_ms"]} over {res["phase_counts"]} occurrences; img/s includes '
+           f'{res["loader_ms_per_step"]} ms/step waiting for the loader (the built-in dataset, --workers {args.workers}; '
+           f'--data is not read)', rank=rank)
+    print0(json.dumps(dict(bench=res, args=vars(args))), rank=rank)
 
 
 def count(net):
