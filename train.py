@@ -248,7 +248,7 @@ def check_args(args, world, device):
             ('align_weight', args.sel != 'none' and not args.no_align, '--sel norm (or concat/flatten) without --no-align'),
             *((k, aligning, 'the alignment loss (--sel without --no-align, --align-weight > 0)')
               for k in ('align_tau', 'align_interval')),
-            *((k, aligning and paper, "--eqgan paper's alignment loss (--eqgan official's is the authors' whole loss)")
+            *((k, aligning and paper, "the alignment loss of --eqgan paper (--eqgan official's is the authors' as a whole)")
               for k in ('align_truncation', 'cam_weights')),
             ('g_form', args.loss == 'contrastive', '--loss contrastive'),
             ('warmup_kimg', args.loss == 'contrastive', '--loss contrastive'),
