@@ -4,9 +4,11 @@ StyleGAN2 generator and discriminator (Karras et al., CVPR 2020, configs E and F
   - self-attention in G (SAN, SAGAN, DFN, VT) and self-/reference-attention in D from
     "Dual Contrastive Loss and Attention for GANs" (Yu et al., ICCV 2021; thesis Sec. 2.3.2-2.3.3),
   - hierarchical heatmaps and spatial encoding layers (SEL) in G from "Improving GAN Equilibrium by
-    Raising Spatial Awareness" (EqGAN-SA, Wang et al., CVPR 2022; Sec. 3.1, Eq. 3),
+    Raising Spatial Awareness" (EqGAN-SA, Wang et al., CVPR 2022; Sec. 3.1, Eq. 3), as the paper's
+    text reads and as the authors' code (genforce/eqgan-sa) builds them,
   - the SN-DCGAN and SNGAN backbones (Miyato et al., ICLR 2018) the papers also report on,
-  - safe reading of official stylegan2-ada-pytorch network pickles (no code from the pickle runs).
+  - safe reading of official stylegan2-ada-pytorch network pickles, and of the EqGAN-SA authors'
+    (no code from the pickle runs).
 
 Plain PyTorch, no custom ops. Parameter names follow the official code (mapping.fc0,
 synthesis.b32.conv1.affine, b64.skip, b4.out, ...). Conventions: images are NCHW float in [-1, 1];
@@ -1318,7 +1320,8 @@ def complexity_table(resolution=256, channel_base=16384):
                 mbstd_group=4, conv_clamp=None, g_attn='none', g_attn_res=min(32, resolution), d_attn='none', d_attn_res=8,
                 ref_attn_eq=8, sel='none', heatmap='hier')
     rows = [('StyleGAN2', {})] + [(f'+ {k.upper()} in G', dict(g_attn=k)) for k in ('san', 'sagan', 'dfn', 'vt')] + \
-           [('+ self-attn in D', dict(d_attn='self')), ('+ ref-attn in D', dict(d_attn='ref')), ('+ SEL_norm', dict(sel='norm'))]
+           [('+ self-attn in D', dict(d_attn='self')), ('+ ref-attn in D', dict(d_attn='ref')), ('+ SEL_norm', dict(sel='norm')),
+            ("+ SEL_norm, authors'", dict(sel='norm', heatmap='official', eqgan='official'))]
     out = []
     for name, kw in rows:
         torch.manual_seed(0)
@@ -1407,9 +1410,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not a.ckpt:
         print(f'config E widths (channel_base {a.channel_base}, channel_max 512, 8 mapping layers) at {a.resolution}x{a.resolution}')
-        print(f'{"":18s} {"G params":>9s} {"D params":>9s} {"total":>8s} {"G GFLOPs":>9s} {"D GFLOPs":>9s}')
+        print(f'{"":21s} {"G params":>9s} {"D params":>9s} {"total":>8s} {"G GFLOPs":>9s} {"D GFLOPs":>9s}')
         for name, g, d, gf, df in complexity_table(a.resolution, a.channel_base):
-            print(f'{name:18s} {g:8.2f}M {d:8.2f}M {g + d:7.2f}M {gf:9.2f} {df:9.2f}')
+            print(f'{name:21s} {g:8.2f}M {d:8.2f}M {g + d:7.2f}M {gf:9.2f} {df:9.2f}')
         return
     if a.convert:
         if len(a.ckpt) > 1:
