@@ -9,7 +9,8 @@ Every adversarial loss the papers compare, on raw D logits (larger = more real),
                (Yu et al., ICCV 2021; thesis Sec. 2.3.1, Eq. 2.1-2.3)
 
 plus R1 (Mescheder et al. 2018) and path-length regularisation (Karras et al. 2020), and GradCAM on D
-with the alignment loss of EqGAN-SA (Wang et al., CVPR 2022, Sec. 3.2, Eq. 4).
+with the alignment loss of EqGAN-SA (Wang et al., CVPR 2022, Sec. 3.2, Eq. 4), as the paper's text
+reads it and as the authors' code computes it.
 
 Conventions: every loss returns a scalar that its player minimises (the mean over this process's
 samples); in DDP the contrastive negatives span the global batch through a differentiable all-gather,
@@ -219,4 +220,42 @@ def align_loss(logits, maps, heatmaps, tau=0.25, truncation='paper', cam_weights
     for r in levels:
         h = minmax(heatmaps[f'h{r}'].float())  # [B, 1, r, r], as cams[r]
         loss = loss + truncated_l1(cams[r] - h, tau, truncation)
+    return loss
+
+
+# The authors' alignment loss (genforce/eqgan-sa training/loss.py), for --eqgan official's networks and
+# heatmaps (full resolution R, keys 'b8' / 'b16' / 'b32'). It differs from the paper-text reading above:
+OFFICIAL_LEVELS = {4: 'b8', 8: 'b16', 16: 'b32'}  # D block output (4x4 after D block b8, ...) -> heatmap level
+
+
+def align_loss_official(logits, maps, heatmaps, tau=0.25):
+    """Eq. 4 as the authors compute it, from the same D forward as the adversarial loss. Per level
+    (the D maps at 4, 8, 16 that exist):
+      weights w_c = spatial mean of d sum_i softplus(-logit_i) / dA_c (their G loss as the GradCAM
+        score: the opposite sign of the logit's gradient, scaled by sigmoid(-logit)), detached;
+      CAM = sum_c ReLU(w_c A_c) (ReLU per channel, before the sum), upsampled bilinearly
+        (align_corners=True) to R x R, then (CAM - min) / max with min and max per sample detached and
+        no epsilon (a constant CAM gives 0, as their nan_to_num);
+      heatmap: level 0 ('b8', one channel) as it is, values in (0.01, 1.01]; finer levels averaged over
+        their channels, then (H - min) / max per sample (no epsilon);
+      the L1 error truncated as truncated_l1(.., 'official'): the mean over the elements above tau, or
+        over all when fewer than two are.
+    The levels' losses are summed (weight 1 each). G gets gradients through A only."""
+    levels = [r for r in sorted(maps) if r in OFFICIAL_LEVELS and OFFICIAL_LEVELS[r] in heatmaps]
+    if not levels:
+        raise ValueError(f'no D map at 4, 8 or 16 matches a heatmap level (maps at {sorted(maps)}, heatmaps {sorted(heatmaps)})')
+    B, R = logits.shape[0], heatmaps['b8'].shape[-1]
+    feats = [maps[r] for r in levels]
+    grads = torch.autograd.grad(F.softplus(-logits.float()).sum(), feats, retain_graph=True)
+    scale = lambda x: x / torch.where(x.amax([2, 3], keepdim=True) > 0, x.amax([2, 3], keepdim=True), 1).detach()
+    shift = lambda x: x - x.amin([2, 3], keepdim=True).detach()
+    loss = 0
+    for r, a, g in zip(levels, feats, grads):
+        w = g[:B].float().mean([2, 3], keepdim=True)  # [B, C, 1, 1], detached (autograd.grad without a graph)
+        cam = F.relu(w * a[:B].float()).sum(1, keepdim=True)  # [B, 1, r, r]
+        cam = scale(shift(F.interpolate(cam, size=(R, R), mode='bilinear', align_corners=True)))  # [B, 1, R, R]
+        h = heatmaps[OFFICIAL_LEVELS[r]].float()  # [B, n, R, R]
+        if h.shape[1] > 1:
+            h = scale(shift(h.mean(1, keepdim=True)))
+        loss = loss + truncated_l1(cam - h, tau, 'official')
     return loss

@@ -4,9 +4,11 @@ StyleGAN2 generator and discriminator (Karras et al., CVPR 2020, configs E and F
   - self-attention in G (SAN, SAGAN, DFN, VT) and self-/reference-attention in D from
     "Dual Contrastive Loss and Attention for GANs" (Yu et al., ICCV 2021; thesis Sec. 2.3.2-2.3.3),
   - hierarchical heatmaps and spatial encoding layers (SEL) in G from "Improving GAN Equilibrium by
-    Raising Spatial Awareness" (EqGAN-SA, Wang et al., CVPR 2022; Sec. 3.1, Eq. 3),
+    Raising Spatial Awareness" (EqGAN-SA, Wang et al., CVPR 2022; Sec. 3.1, Eq. 3), as the paper's
+    text reads and as the authors' code (genforce/eqgan-sa) builds them,
   - the SN-DCGAN and SNGAN backbones (Miyato et al., ICLR 2018) the papers also report on,
-  - safe reading of official stylegan2-ada-pytorch network pickles (no code from the pickle runs).
+  - safe reading of official stylegan2-ada-pytorch network pickles, and of the EqGAN-SA authors'
+    (no code from the pickle runs).
 
 Plain PyTorch, no custom ops. Parameter names follow the official code (mapping.fc0,
 synthesis.b32.conv1.affine, b64.skip, b4.out, ...). Conventions: images are NCHW float in [-1, 1];
@@ -245,9 +247,10 @@ class MappingNetwork(nn.Module):
 
 
 class SynthesisLayer(nn.Module):
-    """Modulated 3x3 conv (or a self-attention module in its place), noise, bias, leaky ReLU."""
+    """Modulated 3x3 conv (or a self-attention module in its place), noise, bias, leaky ReLU; sel: the
+    authors' EqGAN-SA SEL on the input (SELOfficial, --eqgan official), h its heatmap features."""
 
-    def __init__(self, cin, cout, w_dim, res, up=1, conv_clamp=None, attn='none'):
+    def __init__(self, cin, cout, w_dim, res, up=1, conv_clamp=None, attn='none', sel=None):
         super().__init__()
         if attn == 'none':
             self.affine = FC(w_dim, cin, bias_init=1)  # styles start at 1
@@ -259,9 +262,11 @@ class SynthesisLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cout))
         self.register_buffer('noise_const', torch.randn(res, res))
         self.register_buffer('resample_filter', fir_filter() if up == 2 else None)
-        self.up, self.res, self.conv_clamp, self.kind = up, res, conv_clamp, attn
+        self.up, self.res, self.conv_clamp, self.kind, self.sel = up, res, conv_clamp, attn, sel
 
-    def forward(self, x, w, noise_mode='random', fused=False, noise=None):
+    def forward(self, x, w, noise_mode='random', fused=False, noise=None, h=None):
+        if self.sel is not None:
+            x = self.sel(x, h)
         if self.kind == 'none':
             x = modulated_conv2d(x, self.weight, self.affine(w), up=self.up, f=self.resample_filter, fused=fused)
         else:
@@ -278,14 +283,16 @@ class SynthesisLayer(nn.Module):
 class ToRGB(nn.Module):
     """1x1 modulated conv without demodulation, styles scaled by 1/sqrt(C_in)."""
 
-    def __init__(self, cin, w_dim, conv_clamp=None):
+    def __init__(self, cin, w_dim, conv_clamp=None, sel=None):
         super().__init__()
         self.affine = FC(w_dim, cin, bias_init=1)
         self.weight = nn.Parameter(torch.randn(3, cin, 1, 1))
         self.bias = nn.Parameter(torch.zeros(3))
-        self.weight_gain, self.conv_clamp = 1 / math.sqrt(cin), conv_clamp
+        self.weight_gain, self.conv_clamp, self.sel = 1 / math.sqrt(cin), conv_clamp, sel
 
-    def forward(self, x, w, fused=False):
+    def forward(self, x, w, fused=False, h=None):
+        if self.sel is not None:  # --eqgan official: as SynthesisLayer
+            x = self.sel(x, h)
         styles = self.affine(w) * self.weight_gain
         x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused=fused)
         return bias_act(x, self.bias, act=False, clamp=self.conv_clamp)
@@ -295,17 +302,21 @@ class SynthesisBlock(nn.Module):
     """One resolution of the skip generator: [const | up-conv0], conv1, toRGB added to the
     upsampled image. SEL (EqGAN-SA, the blocks of the heatmap levels): sel = [before conv1, before
     toRGB]; with local_rgb (--sel-placement official, the authors' code) the second one changes the
-    toRGB input only, not the features passed on, and sel_in precedes conv0 (on its res/2 input)."""
+    toRGB input only, not the features passed on, and sel_in precedes conv0 (on its res/2 input).
+    layer_sel (--eqgan official): channels -> a SELOfficial, one on the input of each of conv0, conv1
+    and toRGB, all fed this block's heatmap features hfeats[res]."""
 
-    def __init__(self, cin, cout, w_dim, res, conv_clamp=None, attn='none', sel=None, sel_in=None, local_rgb=False):
+    def __init__(self, cin, cout, w_dim, res, conv_clamp=None, attn='none', sel=None, sel_in=None, local_rgb=False,
+                 layer_sel=None):
         super().__init__()
         self.cin, self.res, self.num_conv = cin, res, (1 if cin == 0 else 2)
+        layer_sel = layer_sel or (lambda channels: None)
         if cin == 0:
             self.const = nn.Parameter(torch.randn(cout, 4, 4))
         else:
-            self.conv0 = SynthesisLayer(cin, cout, w_dim, res, up=2, conv_clamp=conv_clamp)
-        self.conv1 = SynthesisLayer(cout, cout, w_dim, res, conv_clamp=conv_clamp, attn=attn)
-        self.torgb = ToRGB(cout, w_dim, conv_clamp=conv_clamp)
+            self.conv0 = SynthesisLayer(cin, cout, w_dim, res, up=2, conv_clamp=conv_clamp, sel=layer_sel(cin))
+        self.conv1 = SynthesisLayer(cout, cout, w_dim, res, conv_clamp=conv_clamp, attn=attn, sel=layer_sel(cout))
+        self.torgb = ToRGB(cout, w_dim, conv_clamp=conv_clamp, sel=layer_sel(cout))
         self.sel, self.sel_in, self.local_rgb = sel, sel_in, local_rgb
         self.register_buffer('resample_filter', fir_filter() if cin else None)  # upsamples the image from below
 
@@ -316,15 +327,15 @@ class SynthesisBlock(nn.Module):
         else:
             if self.sel_in is not None:
                 x = self.sel_in(x, hfeats[self.res // 2])
-            x = self.conv0(x, ws[:, 0], noise_mode, fused, noise[0])  # [B, C, res, res]
+            x = self.conv0(x, ws[:, 0], noise_mode, fused, noise[0], h=hfeats.get(self.res))  # [B, C, res, res]
         if self.sel is not None:
             x = self.sel[0](x, hfeats[self.res])
-        x = self.conv1(x, ws[:, self.num_conv - 1], noise_mode, fused, noise[-1])
+        x = self.conv1(x, ws[:, self.num_conv - 1], noise_mode, fused, noise[-1], h=hfeats.get(self.res))
         rgb_in = x
         if self.sel is not None:
             rgb_in = self.sel[1](x, hfeats[self.res])
             x = x if self.local_rgb else rgb_in
-        y = self.torgb(rgb_in, ws[:, self.num_conv], fused).float()  # [B, 3, res, res]
+        y = self.torgb(rgb_in, ws[:, self.num_conv], fused, h=hfeats.get(self.res)).float()  # [B, 3, res, res]
         # the RGB skip sum in fp32 under mixed precision too (the official code): in bf16 the final
         # image would carry 8 mantissa bits summed over every resolution
         with torch.autocast(y.device.type, enabled=False):
@@ -341,7 +352,8 @@ class Generator(nn.Module):
     class-conditional); G.map / G.synthesize are the two halves."""
 
     def __init__(self, resolution, z_dim=512, w_dim=512, channel_base=16384, channel_max=512, map_layers=8,
-                 conv_clamp=None, g_attn='none', g_attn_res=32, sel='none', heatmap='hier', c_dim=0, sel_placement='paper'):
+                 conv_clamp=None, g_attn='none', g_attn_res=32, sel='none', heatmap='hier', c_dim=0, sel_placement='paper',
+                 eqgan='paper'):
         super().__init__()
         if resolution < 8 or resolution & (resolution - 1):  # not a power of two
             raise ValueError(f'--resolution {resolution}: G and D need a power of two >= 8; use e.g. 32, 64 or 256')
@@ -351,16 +363,21 @@ class Generator(nn.Module):
             raise ValueError(f'--g-attn-res {g_attn_res} is not a G resolution; use a power of two in [8, {resolution}]')
         if sel_placement not in SEL_PLACEMENTS:
             raise ValueError(f'unknown --sel-placement {sel_placement!r}; choose one of {", ".join(SEL_PLACEMENTS)}')
-        self.spatial = SpatialEncoding(sel, heatmap, resolution, ch) if sel != 'none' else None  # EqGAN-SA
+        if eqgan == 'official' and sel_placement != 'paper':
+            raise ValueError('--sel-placement places the SELs of --eqgan paper; --eqgan official puts one before every '
+                             'layer, as the authors\' code: drop --sel-placement')
+        self.spatial = SpatialEncoding(sel, heatmap, resolution, ch, eqgan=eqgan) if sel != 'none' else None  # EqGAN-SA
         self.synthesis = nn.Module()
         self.res_list = sorted(ch)
         official = sel_placement == 'official'
+        authors = self.spatial is not None and eqgan == 'official'  # their SEL on every layer's input
         for res in self.res_list:
-            sel_layers = self.spatial.sel_layers if self.spatial is not None else lambda r, n: None
+            sel_layers = self.spatial.sel_layers if self.spatial is not None and not authors else lambda r, n: None
             sel_in = sel_layers(res // 2, 1) if official and res > 4 else None
+            layer_sel = (lambda channels, r=res: self.spatial.sel_official(channels, r)) if authors else None
             block = SynthesisBlock(ch[res // 2] if res > 4 else 0, ch[res], w_dim, res, conv_clamp,
                                    attn=g_attn if res == g_attn_res else 'none', sel=sel_layers(res, 2),
-                                   sel_in=sel_in[0] if sel_in else None, local_rgb=official)
+                                   sel_in=sel_in[0] if sel_in else None, local_rgb=official, layer_sel=layer_sel)
             setattr(self.synthesis, f'b{res}', block)
         self.num_ws = 2 * int(math.log2(resolution)) - 2
         extra = self.spatial.flat_dim if self.spatial is not None else 0
@@ -669,7 +686,7 @@ class SmallGenerator(nn.Module):
     per doubling a _GBlock; BN, ReLU, 3x3 conv, tanh. G(z) -> images [B, 3, R, R] in [-1, 1]."""
 
     def __init__(self, arch, resolution, z_dim=128, channel_base=2048, channel_max=512, g_attn='none', g_attn_res=32,
-                 sel='none', heatmap='hier'):
+                 sel='none', heatmap='hier', eqgan='paper'):
         super().__init__()
         if resolution < 8 or resolution & (resolution - 1):
             raise ValueError(f'--resolution {resolution}: G and D need a power of two >= 8; use e.g. 32 or 64')
@@ -678,7 +695,7 @@ class SmallGenerator(nn.Module):
             raise ValueError(f'--g-attn-res {g_attn_res} is not a G resolution; use a power of two in [8, {resolution}]')
         self.arch, self.z_dim, self.c_dim, self.img_resolution, self.attn_res = arch, z_dim, 0, resolution, g_attn_res
         self.noise_res, self.num_ws = [], 0  # nothing to mix or to add noise to
-        self.spatial = SpatialEncoding(sel, heatmap, resolution, ch) if sel != 'none' else None
+        self.spatial = SpatialEncoding(sel, heatmap, resolution, ch, eqgan=eqgan) if sel != 'none' else None
         dcgan = arch == 'sndcgan'
         self.fc = nn.Linear(z_dim + (self.spatial.flat_dim if self.spatial is not None else 0), 16 * ch[4], bias=False)
         nn.init.normal_(self.fc.weight, 0, 0.02) if dcgan else nn.init.xavier_uniform_(self.fc.weight)
@@ -695,8 +712,11 @@ class SmallGenerator(nn.Module):
                                  _conv(ch[resolution], 3, 3, gain=1.0, bias=True), nn.Tanh())
         if dcgan:
             nn.init.normal_(self.out[0].weight, 0, 0.02)
-        self.sel = nn.ModuleDict({str(r): self.spatial.sel_layers(r, 1)[0] for r, _, _ in self.spatial.levels}
-                                 if self.spatial is not None and sel != 'flatten' else {})
+        if self.spatial is not None and eqgan == 'official':  # the authors' SEL on the features of every resolution
+            self.sel = nn.ModuleDict({str(r): self.spatial.sel_official(ch[r], r) for r in sorted(ch)})
+        else:
+            self.sel = nn.ModuleDict({str(r): self.spatial.sel_layers(r, 1)[0] for r, _, _ in self.spatial.levels}
+                                     if self.spatial is not None and sel != 'flatten' else {})
         self.attn = attention.self_attention(g_attn, ch[g_attn_res]) if g_attn != 'none' else None
 
     @property
@@ -783,8 +803,9 @@ class SmallDiscriminator(nn.Module):
 
 ARCH_KEYS = ('arch', 'resolution', 'z_dim', 'w_dim', 'channel_base', 'channel_max', 'map_layers', 'mbstd_group',
              'conv_clamp', 'g_attn', 'g_attn_res', 'd_attn', 'd_attn_res', 'ref_attn_eq', 'sel', 'heatmap', 'c_dim',
-             'mbstd_layout', 'sel_placement')
-ARCH_DEFAULTS = dict(arch='stylegan2', c_dim=0, mbstd_layout='contiguous', sel_placement='paper')  # keys older checkpoints lack
+             'mbstd_layout', 'sel_placement', 'eqgan')
+# keys older checkpoints lack, with what those checkpoints were (eqgan: before the authors' networks were added)
+ARCH_DEFAULTS = dict(arch='stylegan2', c_dim=0, mbstd_layout='contiguous', sel_placement='paper', eqgan='paper')
 ARCHS = ('stylegan2', 'sndcgan', 'sngan')
 
 
@@ -795,10 +816,11 @@ def build_networks(a):
         if a['arch'] not in ARCHS:
             raise ValueError(f'unknown --arch {a["arch"]!r}; choose one of {", ".join(ARCHS)}')
         return (SmallGenerator(a['arch'], a['resolution'], a['z_dim'], a['channel_base'], a['channel_max'], a['g_attn'],
-                               a['g_attn_res'], a['sel'], a['heatmap']),
+                               a['g_attn_res'], a['sel'], a['heatmap'], a['eqgan']),
                 SmallDiscriminator(a['arch'], a['resolution'], a['channel_base'], a['channel_max'], a['d_attn'], a['d_attn_res']))
     G = Generator(a['resolution'], a['z_dim'], a['w_dim'], a['channel_base'], a['channel_max'], a['map_layers'],
-                  a['conv_clamp'], a['g_attn'], a['g_attn_res'], a['sel'], a['heatmap'], a['c_dim'], a['sel_placement'])
+                  a['conv_clamp'], a['g_attn'], a['g_attn_res'], a['sel'], a['heatmap'], a['c_dim'], a['sel_placement'],
+                  a['eqgan'])
     D = Discriminator(a['resolution'], a['channel_base'], a['channel_max'], a['mbstd_group'], a['conv_clamp'],
                       a['d_attn'], a['d_attn_res'], a['ref_attn_eq'], a['c_dim'], a['mbstd_layout'])
     return G, D
@@ -877,8 +899,11 @@ def load_checkpoint(path, device='cpu'):
 # you such a file runs code on your machine. Here the unpickler resolves an explicit allow-list only:
 # tensor and storage rebuilds (each storage is a nested torch.save, read with weights_only=True),
 # OrderedDict, numpy scalars, and the persistence reconstructor, mapped to a function that returns
-# the pickled module state as plain data. Every other global is refused. (The TF-era pickles that
-# legacy.py converts are another format, not read here.)
+# the pickled module state as plain data; the EqGAN-SA authors' snapshots (their code is
+# stylegan2-ada-pytorch's with SEL layers) also hold three standard torch.nn modules inside each SEL,
+# InstanceNorm2d, Sequential and LeakyReLU, read the same way (their state as data, no torch class
+# built). Every other global is refused. (The TF-era pickles that legacy.py converts are another
+# format, not read here.)
 
 def _numpy_dtype(code, align=False, copy=True):  # numpy.dtype('f8', ...): plain kinds only
     if not re.fullmatch(r'[<>|=]?[fiub][1248]', str(code)):
@@ -902,6 +927,19 @@ def _storage(data):  # torch.storage._load_from_bytes: one storage, saved by the
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
+class _PlainModule(dict):
+    """A pickled standard torch.nn module (NEWOBJ with no arguments, then its __dict__ as state) as the
+    same plain data the persistence reconstructor gives: {'class_name', 'state'}."""
+    class_name = None
+
+    def __setstate__(self, state):
+        self.update(class_name=self.class_name, state=state)
+
+
+_TORCH_MODULES = {('torch.nn.modules.instancenorm', 'InstanceNorm2d'), ('torch.nn.modules.container', 'Sequential'),
+                  ('torch.nn.modules.activation', 'LeakyReLU')}  # those the EqGAN-SA snapshots hold
+
+
 class _SafeUnpickler(pickle.Unpickler):
     ALLOWED = {('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
                ('torch._utils', '_rebuild_parameter'): lambda data, requires_grad, hooks: data,
@@ -910,12 +948,14 @@ class _SafeUnpickler(pickle.Unpickler):
                ('torch_utils.persistence', '_reconstruct_persistent_obj'): lambda meta: meta,  # {'class_name', 'state', ...}
                ('numpy', 'dtype'): _numpy_dtype,
                ('numpy.core.multiarray', 'scalar'): _numpy_scalar, ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
-               ('dnnlib.util', 'EasyDict'): dict}
+               ('dnnlib.util', 'EasyDict'): dict,
+               **{key: type(key[1], (_PlainModule,), dict(class_name=key[1])) for key in _TORCH_MODULES}}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f'it refers to {module}.{name}, which is not on the allow-list of a network '
-                                         f'snapshot (tensors, storages, OrderedDict, numpy scalars, persistent modules)')
+                                         f'snapshot (tensors, storages, OrderedDict, numpy scalars, persistent modules, '
+                                         f'InstanceNorm2d / Sequential / LeakyReLU)')
         return self.ALLOWED[(module, name)]
 
 
@@ -940,7 +980,7 @@ def _official_args(gm, dm, path):
     def need(ok, what):
         if not ok:
             raise ValueError(f'{path}: {what}; this code represents StyleGAN2 networks (a skip G and a residual D, '
-                             f'as stylegan2-ada-pytorch trains them)')
+                             f'as stylegan2-ada-pytorch trains them, and with SEL as the EqGAN-SA authors\' code does)')
     (gcls, g), (dcls, d) = gm[''], dm['']
     need((gcls, dcls) == ('Generator', 'Discriminator'), f'its networks are a {gcls} and a {dcls}')
     need(gm.get('synthesis', ('',))[0] == 'SynthesisNetwork' and 'block_resolutions' in gm['synthesis'][1],
@@ -968,19 +1008,46 @@ def _official_args(gm, dm, path):
     if c_dim:
         need(dm['mapping'][1].get('num_layers') == 8 and dm['b4'][1].get('cmap_dim') == min(base // 4, cmax),
              "its D's label mapping is not the default one (8 layers to channels(4))")
-    clamps = {a.get('conv_clamp') for c, a in [*gm.values(), *dm.values()]
-              if c in ('SynthesisLayer', 'ToRGBLayer') or c == 'Conv2dLayer' and a.get('activation') == 'lrelu'}
+    eqgan = _eqgan_args(gm, g, need)
+    heat = lambda p: '.sel.' in p or p.startswith('synthesis.hm_conv')  # EqGAN-SA: never clamped (checked there)
+    clamps = {a.get('conv_clamp') for p, (c, a) in [*gm.items(), *dm.items()] if not heat(p) and (
+              c in ('SynthesisLayer', 'ToRGBLayer') or c == 'Conv2dLayer' and a.get('activation') == 'lrelu')}
     need(len(clamps) == 1, f'its layers clamp at several values ({clamps})')
     return dict(ARCH_DEFAULTS, arch='stylegan2', resolution=g['img_resolution'], z_dim=g['z_dim'], w_dim=g['w_dim'],
                 channel_base=base, channel_max=cmax, map_layers=mapping['num_layers'], mbstd_group=mbstd['group_size'],
                 conv_clamp=clamps.pop(), g_attn='none', g_attn_res=32, d_attn='none', d_attn_res=8, ref_attn_eq=8,
-                sel='none', heatmap='hier', c_dim=c_dim, mbstd_layout='strided')
+                **{'sel': 'none', 'heatmap': 'hier', **eqgan}, c_dim=c_dim, mbstd_layout='strided')
+
+
+def _eqgan_args(gm, g, need):
+    """{} for a stylegan2-ada G; for an EqGAN-SA authors' G (use_sel, heatmap encoders) our flags of
+    their networks (sel norm, heatmap official, eqgan official), after checking what SELOfficial and
+    the encoders assume of every SEL: their InstanceNorm (eps 1e-5, no affine, no running stats), lrelu
+    slopes, no clamping, the 64 hidden channels (the tensors' shapes check the rest when they load)."""
+    encoders = sorted(p for p in gm if p.startswith('synthesis.hm_conv'))
+    use_sel = g.get('_init_kwargs', {}).get('use_sel')
+    if not encoders and not use_sel:
+        return {}
+    need(use_sel, "its G has the EqGAN-SA heatmap encoders but use_sel False (the authors' code cannot run it either)")
+    layers = [p for p, (c, a) in gm.items() if c in ('SynthesisLayer', 'ToRGBLayer')]
+    need(all(gm.get(f'{p}.sel', ('',))[0] == 'SEL' for p in layers), 'some of its synthesis layers have no SEL')
+    for p in [p for p, (c, a) in gm.items() if c == 'SEL']:
+        inorm, lrelu = gm[f'{p}.inorm_fn'], gm[f'{p}.output.0']
+        need(inorm[0] == 'InstanceNorm2d' and inorm[1].get('eps') == 1e-5 and not inorm[1].get('affine')
+             and not inorm[1].get('track_running_stats'), f'{p} normalises otherwise ({inorm[1]})')
+        need(lrelu[0] == 'LeakyReLU' and lrelu[1].get('negative_slope') == 0.2, f'{p}.output.0 is not a leaky ReLU 0.2')
+        acts = [gm[f'{p}.{q}'][1].get('activation') for q in ('shared.0', 'sigma', 'mu', 'output.1')]
+        need(acts == ['lrelu', 'linear', 'linear', 'linear'], f'{p} has the activations {acts}')
+    need(all(a.get('conv_clamp') is None for p, (c, a) in gm.items() if c == 'Conv2dLayer'),
+         'its SEL or heatmap-encoder convolutions clamp')
+    return dict(sel='norm', heatmap='official', eqgan='official')
 
 
 def read_network_pickle(path):
-    """An official stylegan2-ada-pytorch snapshot -> a checkpoint dict like train.py's: 'args' (our
-    flags, read from the pickled modules; 'strided' minibatch-std, the official grouping), 'G', 'D',
-    'G_ema' (state dicts in our names), step and nimg 0. ValueError in one line for a pickle that
+    """An official stylegan2-ada-pytorch snapshot (or an EqGAN-SA one, written by the authors' code:
+    --eqgan official) -> a checkpoint dict like train.py's: 'args' (our flags, read from the pickled
+    modules; 'strided' minibatch-std, the official grouping), 'G', 'D', 'G_ema' (state dicts in our
+    names: the official ones, the heatmap encoders under 'spatial.'), step and nimg 0. ValueError in one line for a pickle that
     refers to anything off the allow-list, or whose networks this code cannot represent."""
     try:
         with open(path, 'rb') as f:
@@ -996,8 +1063,9 @@ def read_network_pickle(path):
     with torch.device('meta'):  # only the names and shapes: no memory
         G, D = build_networks(args)
     out = dict(args=args, step=0, nimg=0, official=True)
+    ours_name = lambda k: 'spatial.' + k[len('synthesis.'):] if k.startswith('synthesis.hm_conv') else k  # EqGAN-SA encoders
     for key, ours in (('G', G), ('D', D), ('G_ema', G)):
-        tensors, modules = nets[key]
+        tensors, modules = ({ours_name(k): v for k, v in d.items()} for d in nets[key])
         out[key] = _official_state(tensors, modules, ours.state_dict(), f'{path}: {key}')
     return out
 
@@ -1023,18 +1091,38 @@ def _official_state(tensors, modules, own, where):
 # ----------------------------------------------------------------------------------------------
 # EqGAN-SA: hierarchical heatmaps and spatial encoding layers (Wang et al., CVPR 2022, Sec. 3.1, 4.1)
 #
-# A heatmap dict holds 'centers' [B, K, 2] ((x, y) in [0, 1] image units, x to the right, y down;
-# K = 1 + 2 (+ 4)) and one map per level, 'h4' / 'h8' / 'h16': [B, 1, r, r] (levels above the G
-# resolution are dropped). 'noise' heatmaps have no centres: only the maps.
+# Two readings, chosen by --eqgan (an architecture flag):
+# 'official' (the default with --sel norm): the networks of the authors' code (genforce/eqgan-sa), which
+#   produced the paper's tables; their pickles load into it (read_network_pickle). Heatmaps at the full
+#   image resolution R, one channel per centre: {'b8': [B, 1, R, R], 'b16': [B, 2, R, R], 'b32': [B, 4, R, R]}
+#   (their names: level l feeds the G block at half that resolution), exp(-d^2 / sigma) + 0.01 on a
+#   [-1, 1] grid with the pixel centres at the ends; each level encoded by two 3x3 convs (1/2/4 -> 16
+#   -> 32, lrelu, the second with gain sqrt(0.5)); features at resolution r use level b{2r}, from 32 px
+#   up the 96-channel concatenation of all three; a SELOfficial on the input of every synthesis layer
+#   and toRGB (SN backbones: on the features of every resolution).
+# 'paper' (the paper's text; checkpoints written before --eqgan existed are this): one map per level at
+#   its own resolution, 'h4' / 'h8' / 'h16': [B, 1, r, r], the level's Gaussians summed (Eq. 2; levels
+#   above the G resolution dropped); one shared 3x3 conv per level; SELNorm / SELConcat at 4-16 px.
+# Either way the dict also holds 'centers' [B, K, 2] ((x, y) in [0, 1] image units, x to the right, y
+# down; K = 1 + 2 (+ 4)) and, from samplers with random widths ('official'), 'widths' [B, K] (each
+# blob's standard deviation in image units); 'noise' heatmaps have only the maps. The sampler (--heatmap)
+# is independent of the reading: each renders its centres in the network's format.
 
 SEL_KINDS = ('none', 'norm', 'concat', 'flatten')
 SEL_PLACEMENTS = ('paper', 'official')
-HEATMAP_KINDS = ('hier', 'nonhier', 'noise')
+EQGAN_MODES = ('official', 'paper')
+HEATMAP_KINDS = ('hier', 'nonhier', 'noise', 'official')
 HEAT_LEVELS = ((4, 1), (8, 2), (16, 4))  # (resolution, number of Gaussian centres), Sec. 4.1
 # The paper only says the spread shrinks level by level; we take one cell of each level's own grid
 # (1/4, 1/8, 1/16 of the image): one blob covers the 4x4 map, finer blobs mark smaller parts.
 HEAT_SIGMAS = (1 / 4, 1 / 8, 1 / 16)
 HEAT_HIDDEN = 32  # channels of the shared heatmap encoder (SPADE's mlp_shared, made lighter)
+OFFICIAL_KEYS = ('b8', 'b16', 'b32')  # the authors' names of the three levels
+OFFICIAL_FEAT = 32  # channels of the authors' per-level heatmap features (96 concatenated)
+# The authors' sampler, in their [-1, 1] units: level-0 centre N(0, 0.33^2) clamped to +-0.75, sigma
+# (U + 1) / 2 for the whole batch; finer centres = level-0 centre + U(-a, a) (a = 0.4, 0.8), sigma
+# (U + 0.1) / 1.4 and (U + 0.1) / 2 per centre; maps exp(-d^2 / sigma) (+ 0.01 in their format).
+OFFICIAL_OFFSETS, OFFICIAL_WIDTH_DIV = (0.0, 0.4, 0.8), (None, 1.4, 2.0)
 
 
 def truncated_normal(u, mean, std, lo=0.0, hi=1.0):
@@ -1043,6 +1131,12 @@ def truncated_normal(u, mean, std, lo=0.0, hi=1.0):
     cdf = lambda t: 0.5 * (1 + math.erf((t - mean) / (std * SQRT2)))
     p = cdf(lo) + u * (cdf(hi) - cdf(lo))
     return (mean + std * torch.special.ndtri(p)).clamp(lo, hi)
+
+
+def instance_norm(x, eps=1e-5):
+    """(x - mean) / sqrt(var + eps) per sample and channel over the pixels (biased variance, as
+    nn.InstanceNorm2d without affine): [B, C, H, W]."""
+    return (x - x.mean([2, 3], keepdim=True)) * (x.var([2, 3], keepdim=True, unbiased=False) + eps).rsqrt()
 
 
 class SELNorm(nn.Module):
@@ -1062,7 +1156,7 @@ class SELNorm(nn.Module):
 
     def forward(self, x, h):  # x [B, C, r, r], h [B, hidden, r, r]
         xf = x.float()  # statistics in fp32 under mixed precision
-        x_hat = (xf - xf.mean([2, 3], keepdim=True)) * (xf.var([2, 3], keepdim=True, unbiased=False) + 1e-5).rsqrt()
+        x_hat = instance_norm(xf)
         y = (1 + self.gamma(h).float()) * x_hat + self.beta(h).float()  # Eq. 3, [B, C, r, r]
         return x + (self.alpha.view(1, -1, 1, 1) * y).to(x.dtype)
 
@@ -1082,37 +1176,77 @@ class SELConcat(nn.Module):
         return x + self.alpha.to(x.dtype).view(1, -1, 1, 1) * y
 
 
+class SELOfficial(nn.Module):
+    """The authors' SEL (their SEL class; Eq. 3 with their residual): the heatmap features h resized
+    bilinearly (align_corners=True) to the input's size, f = lrelu(conv3x3_{->64}(h)), then
+    out = x + 0.1 * conv3x3_{CxC}(lrelu_0.2(IN(x) * (1 + sigma(f)) + mu(f))), sigma and mu one-channel
+    3x3 convs. Not the identity at initialisation (0.1 is their "empirical parameter for stability").
+    Tensor names as theirs (shared.0, sigma, mu, output.1), so their snapshots load as they are."""
+
+    def __init__(self, channels, feat_channels, hidden=64):
+        super().__init__()
+        self.shared = nn.Sequential(Conv(feat_channels, hidden, 3))
+        self.sigma = Conv(hidden, 1, 3, act=False)
+        self.mu = Conv(hidden, 1, 3, act=False)
+        self.output = nn.Sequential(nn.LeakyReLU(0.2), Conv(channels, channels, 3, act=False))
+
+    def forward(self, x, h):  # x [B, C, r, r], h [B, 32 or 96, R, R]
+        h = F.interpolate(h.to(x.dtype), size=x.shape[2:], mode='bilinear', align_corners=True)  # [B, 32|96, r, r]
+        f = self.shared(h)  # [B, 64, r, r]
+        y = instance_norm(x.float()) * (1 + self.sigma(f).float()) + self.mu(f).float()  # Eq. 3, in fp32
+        return x + 0.1 * self.output(y.to(x.dtype))
+
+
 class SpatialEncoding(nn.Module):
     """Heatmap sampling (Sec. 3.1 Eq. 2, Sec. 4.1) and the heatmap encoders of G.
 
-    heatmap='hier' (default): level-0 centre ~ N((1/2, 1/2), (1/3)^2) re-drawn while outside the image
-      (exactly, by truncated_normal); level-1/2 centres ~ N(level-0 centre, (1/6)^2), left untruncated
-      (the paper only re-draws level 0; a finer blob may lie partly outside the image);
+    heatmap='hier' (the paper's text): level-0 centre ~ N((1/2, 1/2), (1/3)^2) re-drawn while outside
+      the image (exactly, by truncated_normal); level-1/2 centres ~ N(level-0 centre, (1/6)^2), left
+      untruncated (the paper only re-draws level 0; a finer blob may lie partly outside the image);
+      widths HEAT_SIGMAS;
     'nonhier' (Table 3 "Non-Hie"): every centre drawn independently like level 0;
+    'official' (the authors' generate_heatmap_multi; see OFFICIAL_OFFSETS): their centres and random widths;
     'noise' (Table 3 "Gau. Noise"): N(0, 1) maps, no centres.
-    Each level's map H = sum_i exp(-|p - c_i|^2 / (2 s^2)) (Eq. 2 with peak 1 instead of the density's
-    normalisation; s from HEAT_SIGMAS) on the level's pixel centres p = (j + 0.5) / r.
-    sel='norm' / 'concat': SELs in the G blocks at 4, 8, 16 (the levels; Sec. 4.1 encodes only these),
-    one after conv0 (or the const) and one after conv1; sel='flatten' (Table 4): no SEL, the flattened
-    maps join z at the mapping network's input."""
+    eqgan='paper': each level's map H = sum_i exp(-|p - c_i|^2 / (2 s_i^2)) (Eq. 2 with peak 1 instead
+    of the density's normalisation) on the level's pixel centres p = (j + 0.5) / r; sel='norm' /
+    'concat': SELs in the G blocks at 4, 8, 16 (the levels; Sec. 4.1 encodes only these), one after
+    conv0 (or the const) and one after conv1; sel='flatten' (Table 4): no SEL, the flattened maps join
+    z at the mapping network's input. eqgan='official': see the section's head (SEL_norm only)."""
 
-    def __init__(self, sel, heatmap, resolution, channels, hidden=HEAT_HIDDEN):
+    def __init__(self, sel, heatmap, resolution, channels, hidden=HEAT_HIDDEN, eqgan='paper'):
         super().__init__()
         if sel not in SEL_KINDS[1:]:
             raise ValueError(f'unknown --sel {sel!r}; choose one of {", ".join(SEL_KINDS)}')
         if heatmap not in HEATMAP_KINDS:
             raise ValueError(f'unknown --heatmap {heatmap!r}; choose one of {", ".join(HEATMAP_KINDS)}')
-        self.sel, self.mode, self.hidden, self.channels = sel, heatmap, hidden, dict(channels)
-        self.levels = [(r, n, s) for (r, n), s in zip(HEAT_LEVELS, HEAT_SIGMAS) if r <= resolution]
+        if eqgan not in EQGAN_MODES:
+            raise ValueError(f'unknown --eqgan {eqgan!r}; choose one of {", ".join(EQGAN_MODES)}')
+        if eqgan == 'official' and sel != 'norm':
+            raise ValueError(f"--sel {sel}: the authors' code has SEL_norm only; use --sel norm, or --eqgan paper "
+                             f"for the paper's SEL_concat / flatten")
+        self.sel, self.mode, self.hidden, self.channels, self.eqgan = sel, heatmap, hidden, dict(channels), eqgan
+        self.resolution = resolution
+        # the authors' code encodes all three levels whatever the resolution; the paper's drops those above it
+        self.levels = [(r, n, s) for (r, n), s in zip(HEAT_LEVELS, HEAT_SIGMAS) if r <= resolution or eqgan == 'official']
         self.num_centers = sum(n for _, n, _ in self.levels)
         self.flat_dim = sum(r * r for r, _, _ in self.levels) if sel == 'flatten' else 0
-        if sel in ('norm', 'concat'):  # shared per level: computed once per forward, used by both SELs
+        if eqgan == 'official':  # their hm_conv0_bX / hm_conv1_bX (under 'synthesis.' in their pickles)
+            for key, (_, n, _) in zip(OFFICIAL_KEYS, self.levels):
+                setattr(self, f'hm_conv0_{key}', Conv(n, OFFICIAL_FEAT // 2, 3))
+                setattr(self, f'hm_conv1_{key}', Conv(OFFICIAL_FEAT // 2, OFFICIAL_FEAT, 3))
+        elif sel in ('norm', 'concat'):  # shared per level: computed once per forward, used by both SELs
             self.enc = nn.ModuleDict({str(r): Conv(1, hidden, 3) for r, _, _ in self.levels})
 
     def sample(self, batch, device, generator=None):
-        """A batch of heatmaps: {'centers': [B, K, 2], 'h4': [B, 1, 4, 4], ...}, all from `generator`."""
+        """A batch of heatmaps in this network's format (see the section's head), all from `generator`."""
         if self.mode == 'noise':
+            if self.eqgan == 'official':
+                R = self.resolution
+                return {k: torch.randn([batch, n, R, R], generator=generator, device=device)
+                        for k, (_, n, _) in zip(OFFICIAL_KEYS, self.levels)}
             return {f'h{r}': torch.randn([batch, 1, r, r], generator=generator, device=device) for r, _, _ in self.levels}
+        if self.mode == 'official':
+            return self.render(*self.sample_official(batch, device, generator))
         u = torch.rand([batch, self.num_centers, 2], generator=generator, device=device)
         n = torch.randn([batch, self.num_centers, 2], generator=generator, device=device)  # drawn in every mode
         c0 = truncated_normal(u[:, :1], 0.5, 1 / 3)  # [B, 1, 2], Sec. 4.1: mean (h/2, w/2), std (h/3, w/3)
@@ -1122,29 +1256,53 @@ class SpatialEncoding(nn.Module):
             rest = truncated_normal(u[:, 1:], 0.5, 1 / 3)
         return self.render(torch.cat([c0, rest], 1))
 
-    def render(self, centers):
-        """The heatmap dict for given centres [B, K, 2] (x, y in [0, 1]): level 0 is centres[:, :1],
-        level 1 centres[:, 1:3], level 2 centres[:, 3:7]."""
+    def sample_official(self, batch, device, generator=None):
+        """The authors' sampler (OFFICIAL_OFFSETS), converted to our units: centres [B, K, 2] in [0, 1]
+        (theirs c in [-1, 1]: (c + 1) / 2) and widths [B, K] (their exp(-d^2 / sigma) in [-1, 1] units
+        is exp(-d'^2 / (2 s^2)) in [0, 1] units with s = sqrt(sigma / 8)). Draw order: level-0 centre,
+        its sigma, then per finer level the offsets and the sigmas."""
+        draw = lambda *shape, normal=False: (torch.randn if normal else torch.rand)(shape, generator=generator, device=device)
+        c0 = (draw(batch, 1, 2, normal=True) * 0.33).clamp(-0.75, 0.75)  # [B, 1, 2]
+        sigmas = [((draw(1) + 1) / 2).expand(batch, 1)]  # [B, 1]: one width for the whole batch
+        centers = [c0]
+        for (_, n, _), a, div in list(zip(self.levels, OFFICIAL_OFFSETS, OFFICIAL_WIDTH_DIV))[1:]:
+            centers.append(c0 + (draw(batch, n, 2) - 0.5) * (2 * a))  # [B, n, 2]: U(-a, a) around c0
+            sigmas.append((draw(batch, n) + 0.1) / div)  # [B, n]
+        return (torch.cat(centers, 1) + 1) / 2, (torch.cat(sigmas, 1) / 8).sqrt()
+
+    def render(self, centers, widths=None):
+        """The heatmap dict for given centres [B, K, 2] (x, y in [0, 1]; level 0 is centres[:, :1],
+        level 1 centres[:, 1:3], level 2 centres[:, 3:7]) and widths [B, K] (default HEAT_SIGMAS)."""
         if self.mode == 'noise':
-            raise ValueError("--heatmap noise has no centres to render or move; use --heatmap hier or nonhier")
+            raise ValueError("--heatmap noise has no centres to render or move; use --heatmap hier, nonhier or official")
         if centers.ndim != 3 or centers.shape[1:] != (self.num_centers, 2):
             raise ValueError(f'centers must be [B, {self.num_centers}, 2] (x, y in [0, 1]); got {list(centers.shape)}')
         out, i = {'centers': centers}, 0
-        for r, n, s in self.levels:
+        if widths is not None:
+            out['widths'] = widths
+        for key, (r, n, s) in zip(OFFICIAL_KEYS, self.levels):
             c = centers[:, i:i + n].float()  # [B, n, 2]
-            grid = (torch.arange(r, device=c.device, dtype=torch.float32) + 0.5) / r  # [r] pixel centres
+            s = s if widths is None else widths[:, i:i + n, None].float()  # a float or [B, n, 1]
+            if self.eqgan == 'official':  # full resolution, the pixel centres at 0 and 1, one channel per centre
+                grid = torch.linspace(0, 1, self.resolution, device=c.device)  # [R]
+            else:
+                grid = (torch.arange(r, device=c.device, dtype=torch.float32) + 0.5) / r  # [r] pixel centres
             gx = torch.exp(-(grid - c[..., 0:1]).square() / (2 * s * s))  # [B, n, r] along x (columns)
             gy = torch.exp(-(grid - c[..., 1:2]).square() / (2 * s * s))  # [B, n, r] along y (rows)
-            out[f'h{r}'] = (gy.unsqueeze(3) * gx.unsqueeze(2)).sum(1, keepdim=True)  # Eq. 2: H = sum_i H_i, [B, 1, r, r]
+            maps = gy.unsqueeze(3) * gx.unsqueeze(2)  # [B, n, r, r]
+            if self.eqgan == 'official':
+                out[key] = maps + 0.01  # the authors' floor
+            else:
+                out[f'h{r}'] = maps.sum(1, keepdim=True)  # Eq. 2: H = sum_i H_i, [B, 1, r, r]
             i += n
         return out
 
     def shift(self, centers, dx, dy, level=0):
-        """Centres with those of `level` moved by (dx, dy) (image units); moving level 0 of 'hier'
+        """Centres with those of `level` moved by (dx, dy) (image units); moving level 0 of hierarchical
         heatmaps moves the finer centres with it (they were drawn around it, Sec. 4.1). dx, dy: floats
         or [B] tensors (e.g. target - centers[:, 0, 0] to place level 0 at a given point)."""
         starts = np.cumsum([0] + [n for _, n, _ in self.levels])
-        lo, hi = starts[level], (starts[-1] if level == 0 and self.mode == 'hier' else starts[level + 1])
+        lo, hi = starts[level], (starts[-1] if level == 0 and self.mode in ('hier', 'official') else starts[level + 1])
         d = torch.stack(torch.broadcast_tensors(*[torch.as_tensor(v, dtype=centers.dtype, device=centers.device)
                                                   for v in (dx, dy)]), -1)  # [2] or [B, 2]
         out = centers.clone()
@@ -1158,17 +1316,34 @@ class SpatialEncoding(nn.Module):
         return torch.cat([heatmaps[f'h{r}'].flatten(1) for r, _, _ in self.levels], 1)
 
     def encode(self, heatmaps):
-        """{res: h [B, hidden, res, res]}: the shared 3x3 conv + lrelu of phi_sigma / phi_mu (SPADE)."""
+        """'paper': {res: h [B, hidden, res, res]}, the shared 3x3 conv + lrelu of phi_sigma / phi_mu
+        (SPADE). 'official': {res: features [B, 32 or 96, R, R]} for every feature resolution 4..R:
+        level b{2 res}'s two-conv encoding, the concatenation of all three from 32 px up."""
         if self.sel == 'flatten':
             return {}
-        return {r: self.enc[str(r)](heatmaps[f'h{r}']) for r, _, _ in self.levels}
+        if self.eqgan == 'paper':
+            return {r: self.enc[str(r)](heatmaps[f'h{r}']) for r, _, _ in self.levels}
+        R, feats = self.resolution, {}
+        for key, (_, n, _) in zip(OFFICIAL_KEYS, self.levels):
+            h = heatmaps.get(key)
+            if h is None or h.ndim != 4 or tuple(h.shape[1:]) != (n, R, R):
+                got = 'none' if h is None else list(h.shape)
+                raise ValueError(f"--eqgan official heatmaps are {{'b8': [B, 1, {R}, {R}], 'b16': [B, 2, {R}, {R}], "
+                                 f"'b32': [B, 4, {R}, {R}]}} (full resolution); {key!r} is {got}")
+            feats[key] = getattr(self, f'hm_conv1_{key}')(getattr(self, f'hm_conv0_{key}')(h), gain=math.sqrt(0.5))
+        cat = torch.cat([feats[k] for k in OFFICIAL_KEYS], 1)  # [B, 96, R, R]
+        return {r: feats.get(f'b{2 * r}', cat) for r in [2 ** i for i in range(2, int(math.log2(R)) + 1)]}
 
     def sel_layers(self, res, n):
-        """n new SELs for features at resolution res (a heatmap level), or None."""
+        """n new SELs for features at resolution res (a heatmap level), or None (--eqgan paper)."""
         if self.sel == 'flatten' or res not in [r for r, _, _ in self.levels]:
             return None
         kind = SELNorm if self.sel == 'norm' else SELConcat
         return nn.ModuleList([kind(self.channels[res], self.hidden) for _ in range(n)])
+
+    def sel_official(self, channels, res):
+        """A new SELOfficial for a layer of the G block at res (its features: 32 channels up to 16 px, then 96)."""
+        return SELOfficial(channels, OFFICIAL_FEAT * (3 if res > 16 else 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1189,7 +1364,8 @@ def complexity_table(resolution=256, channel_base=16384):
                 mbstd_group=4, conv_clamp=None, g_attn='none', g_attn_res=min(32, resolution), d_attn='none', d_attn_res=8,
                 ref_attn_eq=8, sel='none', heatmap='hier')
     rows = [('StyleGAN2', {})] + [(f'+ {k.upper()} in G', dict(g_attn=k)) for k in ('san', 'sagan', 'dfn', 'vt')] + \
-           [('+ self-attn in D', dict(d_attn='self')), ('+ ref-attn in D', dict(d_attn='ref')), ('+ SEL_norm', dict(sel='norm'))]
+           [('+ self-attn in D', dict(d_attn='self')), ('+ ref-attn in D', dict(d_attn='ref')), ('+ SEL_norm', dict(sel='norm')),
+            ("+ SEL_norm, authors'", dict(sel='norm', heatmap='official', eqgan='official'))]
     out = []
     for name, kw in rows:
         torch.manual_seed(0)
@@ -1278,9 +1454,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not a.ckpt:
         print(f'config E widths (channel_base {a.channel_base}, channel_max 512, 8 mapping layers) at {a.resolution}x{a.resolution}')
-        print(f'{"":18s} {"G params":>9s} {"D params":>9s} {"total":>8s} {"G GFLOPs":>9s} {"D GFLOPs":>9s}')
+        print(f'{"":21s} {"G params":>9s} {"D params":>9s} {"total":>8s} {"G GFLOPs":>9s} {"D GFLOPs":>9s}')
         for name, g, d, gf, df in complexity_table(a.resolution, a.channel_base):
-            print(f'{name:18s} {g:8.2f}M {d:8.2f}M {g + d:7.2f}M {gf:9.2f} {df:9.2f}')
+            print(f'{name:21s} {g:8.2f}M {d:8.2f}M {g + d:7.2f}M {gf:9.2f} {df:9.2f}')
         return
     import data  # only the command line needs it (PNG grids, atomic writes)
     if a.convert:
@@ -1329,7 +1505,7 @@ def main(argv=None):
         dx, dy = a.move or (0, 0)
         cols = []
         for t in torch.linspace(0, 1, a.steps if a.move else 1).tolist():
-            h = G.spatial.render(G.spatial.shift(centers, t * dx, t * dy))
+            h = G.spatial.render(G.spatial.shift(centers, t * dx, t * dy), heat.get('widths'))
             cols.append(to_uint8(G(z, heatmaps=h, **kw)))
         imgs = torch.stack(cols, 1).flatten(0, 1)  # rows: seeds, columns: heatmap positions
         data.save_grid(imgs, a.out, len(cols), a.zoom)

@@ -876,7 +876,8 @@ def test_attention_every_combination_forward_backward(g_attn, d_attn):
         assert isinstance(layer.attn, torch.nn.Module) and not hasattr(layer, 'weight') and not hasattr(layer, 'affine')
 
 
-@pytest.mark.parametrize('kw', [dict(g_attn='san', d_attn='self'), dict(d_attn='ref'), dict(sel='norm'), dict(sel='flatten')])
+@pytest.mark.parametrize('kw', [dict(g_attn='san', d_attn='self'), dict(d_attn='ref'), dict(sel='norm'), dict(sel='flatten'),
+                                dict(sel='norm', heatmap='official', eqgan='official')])
 def test_networks_compile_without_graph_breaks(kw):
     """--compile: G (style mixing, given noise, heatmaps) and D (features, GradCAM maps) trace as one
     graph each (fullgraph=True raises at a graph break); dynamo only, no code generation."""
@@ -2805,7 +2806,7 @@ def test_run_flags_reach_the_data_losses_and_latents(tmp_path, monkeypatch, caps
         mix.append(k['mix_z']) if 'mix_cutoff' in k else None, real_forward(self, *a, **k))[1])
     monkeypatch.setattr(data.InfiniteLoader, '__next__', lambda self: batches.append(real_next(self)) or batches[-1])
     run_train(tmp_path, '--kimg', '0.032', '--snap-kimg', '1', '--max-images', '1', '--seed', '3', '--loss', 'contrastive',
-              '--g-form', 'minimax', '--mirror', '--style-mix', '0', '--sel', 'norm', '--align-tau', '0.1',
+              '--g-form', 'minimax', '--mirror', '--style-mix', '0', '--sel', 'norm', '--eqgan', 'paper', '--align-tau', '0.1',
               '--align-truncation', 'official', '--align-interval', '4')
     out = capsys.readouterr().out
     assert '1 images (synthetic-seed3-n1)' in out and 'non-saturating warm-up until 0.02 kimg' in out
@@ -3235,10 +3236,10 @@ def test_lazy_alignment_runs_every_n_steps_with_weight_times_n(tmp_path, monkeyp
     calls = []
     real_align = losses.align_loss
     monkeypatch.setattr(losses, 'align_loss', lambda *a, **k: calls.append(1) or real_align(*a, **k))
-    run_train(tmp_path, '--kimg', '0.048', '--sel', 'norm', '--align-interval', '3', name='six')
+    run_train(tmp_path, '--kimg', '0.048', '--sel', 'norm', '--eqgan', 'paper', '--align-interval', '3', name='six')
     assert len(calls) == 2  # 6 steps: steps 0 and 3
     # one step: interval 3 with weight 1 is the same update as interval 1 with weight 3, not weight 1
-    one = ['--kimg', '0.008', '--sel', 'norm']
+    one = ['--kimg', '0.008', '--sel', 'norm', '--eqgan', 'paper']
     a = load(glob.glob(run_train(tmp_path, *one, '--align-interval', '3', name='a') + '/ckpt-*.pt')[0])
     b = load(glob.glob(run_train(tmp_path, *one, '--align-weight', '3', name='b') + '/ckpt-*.pt')[0])
     c = load(glob.glob(run_train(tmp_path, *one, name='c') + '/ckpt-*.pt')[0])
@@ -4187,7 +4188,8 @@ def test_init_from_an_official_pickle_with_sel_added_starts_as_the_official_netw
     with the dual contrastive loss. Contradicting architecture flags or --cond get one line."""
     path, ref = official('sg2ada-32')
     out = str(tmp_path / 'ft')
-    args = train.parse_args(INIT_FLAGS + ['--init', path, '--sel', 'norm', '--loss', 'contrastive', '--out', out])
+    args = train.parse_args(INIT_FLAGS + ['--init', path, '--sel', 'norm', '--eqgan', 'paper', '--loss', 'contrastive',
+                                          '--out', out])
     init = train.init_from(args)
     assert (args.resolution, args.map_layers, args.channel_base, args.channel_max, args.z_dim) == (32, 2, 2048, 128, 512)
     args.c_dim, args.conv_clamp = 0, 256
@@ -4197,7 +4199,8 @@ def test_init_from_an_official_pickle_with_sel_added_starts_as_the_official_netw
     with torch.no_grad():
         img = G.eval()(ref['z'], noise_mode='const', heatmaps=G.sample_heatmaps(8, 'cpu'))
     assert (img - ref['img']).abs().max() < 1e-4
-    train.main(INIT_FLAGS + ['--init', path, '--sel', 'norm', '--loss', 'contrastive', '--warmup-kimg', '0', '--out', out])
+    train.main(INIT_FLAGS + ['--init', path, '--sel', 'norm', '--eqgan', 'paper', '--loss', 'contrastive', '--warmup-kimg', '0',
+                             '--out', out])
     printed = capsys.readouterr().out
     assert printed.count('init from') == 3 and 'D: 29 tensors loaded' in printed
     ck = load(f'{out}/ckpt-0000001.pt')
@@ -4210,6 +4213,306 @@ def test_init_from_an_official_pickle_with_sel_added_starts_as_the_official_netw
     path64, _ = official('sg2ada-64-cond')
     expect_error(capsys, INIT_FLAGS + ['--init', path64, '--out', str(tmp_path / 'y')], '5 classes): add --cond')
     expect_error(capsys, INIT_FLAGS + ['--init', path64, '--cond', '--out', str(tmp_path / 'y')], 'has 5 classes, the data 4')
+
+
+# ---- EqGAN-SA as its authors built it (--eqgan official): their snapshot, SEL, encoder, sampler, loss
+# (fixture written by genforce/eqgan-sa's code, ../shared/eqgan/README.md; none of its code is imported:
+# the hand computations below are written from the steps of their code)
+
+EQGAN = os.path.join(HERE, '..', 'shared', 'eqgan')
+
+
+def eqgan_fixture():
+    """(path of eqgan-32.pkl, its reference outputs as float32 tensors); skipped as official() is."""
+    path = os.path.join(EQGAN, 'eqgan-32.pkl')
+    if not os.path.isfile(path):
+        assert not os.environ.get('CI'), f'the EqGAN-SA fixture is missing: {EQGAN}'
+        pytest.skip(f'no EqGAN-SA fixture at {EQGAN}')
+    ref = np.load(os.path.join(EQGAN, 'eqgan-32-ref.npz'))
+    return path, {k: torch.from_numpy(ref[k]).float() for k in ref.files}
+
+
+def eqgan_outputs(ck, ref):
+    """Our networks on the fixture's inputs, the authors' heatmap dict given as it is: {name: max abs difference}."""
+    h = {k: ref[f'hm_{k}'] for k in model.OFFICIAL_KEYS}
+    with torch.no_grad():
+        ours = dict(ws=ck['G_ema'].map(ref['z']),
+                    img=ck['G_ema'](ref['z'], heatmaps=h, noise_mode='const'),
+                    img_trunc=ck['G_ema'](ref['z'], psi=0.5, heatmaps=h, noise_mode='const'),
+                    img_G=ck['G'](ref['z'], heatmaps=h, noise_mode='const'),
+                    logits=ck['D'](ref['d_in'])[:, None])
+    return {k: (v - ref[k]).abs().max().item() for k, v in ours.items()}
+
+
+def test_eqgan_snapshot_reproduces_the_authors_outputs():
+    """The authors' snapshot loads through the safe reader as --eqgan official networks (sel norm, their
+    sampler) and gives their ws and logits within 1e-5, images within 1e-4 (psi 1 and 0.5, G and G_ema),
+    with every pickled tensor used (the only ones left are the filters of layers that never resample);
+    parameter counts as manifest.json."""
+    path, ref = eqgan_fixture()
+    manifest = json.load(open(os.path.join(EQGAN, 'manifest.json')))['eqgan-32']
+    ck = model.load_checkpoint(path)
+    a = ck['args']
+    assert (a['eqgan'], a['sel'], a['heatmap'], a['sel_placement'], a['mbstd_layout']) == ('official', 'norm', 'official',
+                                                                                           'paper', 'strided')
+    assert (a['resolution'], a['z_dim'], a['w_dim'], a['map_layers'], a['channel_base'], a['channel_max'], a['conv_clamp'],
+            a['mbstd_group']) == tuple(manifest[k] for k in ('resolution', 'z_dim', 'w_dim', 'mapping_layers', 'channel_base',
+                                                             'channel_max', 'conv_clamp', 'mbstd_group_size'))
+    assert train.count(ck['G']) == manifest['G_params'] and train.count(ck['D']) == manifest['D_params']
+    diff = eqgan_outputs(ck, ref)
+    assert diff['ws'] < 1e-5 and diff['logits'] < 1e-5 and max(diff.values()) < 1e-4, diff
+    with open(path, 'rb') as f:
+        snap = model._SafeUnpickler(f).load()
+    tensors, _ = model._flatten(snap['G_ema'])
+    left = {k for k in tensors if k.replace('synthesis.hm_conv', 'spatial.hm_conv') not in ck['G_ema'].state_dict()}
+    assert left and all(k.endswith('resample_filter') for k in left)  # unused filters only
+    assert sum(k.startswith('synthesis.hm_conv') and not k.endswith('filter') for k in tensors) == 12
+    assert sum(isinstance(m, model.SELOfficial) for m in ck['G'].modules()) == 3 * 4 - 1  # conv0, conv1, toRGB
+
+
+def test_eqgan_snapshot_equivalence_catches_permuted_and_swapped_tensors(monkeypatch):
+    """The outputs depend on every kind of tensor a loader could mix up where no shape check can see
+    it: a square SEL conv transposed, sigma and mu swapped, two levels' encoders swapped, an encoder
+    conv of level b32 (used from 16 px up) perturbed."""
+    path, ref = eqgan_fixture()
+    real_flatten = model._flatten
+
+    def swap(a, b):
+        return lambda t: t.update({a: t[b], b: t[a]})
+    for edit, output in [(lambda t: t.update({'synthesis.b8.conv1.sel.output.1.weight':
+                                              t['synthesis.b8.conv1.sel.output.1.weight'].transpose(0, 1)}), 'img'),
+                         (swap('synthesis.b16.torgb.sel.sigma.weight', 'synthesis.b16.torgb.sel.mu.weight'), 'img'),
+                         (swap('synthesis.hm_conv1_b8.weight', 'synthesis.hm_conv1_b16.weight'), 'img'),
+                         (lambda t: t['synthesis.hm_conv0_b32.bias'].add_(0.5), 'img'),
+                         (lambda t: t['synthesis.b32.conv0.sel.shared.0.weight'].mul_(-1), 'img')]:
+        def flatten(meta, *a, **k):
+            tensors, modules = real_flatten(meta, *a, **k)
+            if not a and meta['class_name'] == 'Generator':
+                tensors = {k: v.clone() for k, v in tensors.items()}
+                edit(tensors)
+            return tensors, modules
+        monkeypatch.setattr(model, '_flatten', flatten)
+        assert eqgan_outputs(model.load_checkpoint(path), ref)[output] > 1e-3
+
+
+def test_eqgan_snapshot_refuses_dropped_misnamed_tensors_and_other_networks(monkeypatch):
+    """A dropped or renamed SEL / encoder tensor, or a snapshot whose SELs our SELOfficial cannot be
+    (another InstanceNorm, a layer without SEL, use_sel off), gets one line naming it."""
+    path, _ = eqgan_fixture()
+    real_flatten = model._flatten
+    cases = [(lambda t, m: t.pop('synthesis.b4.torgb.sel.mu.bias'), "missing ['synthesis.b4.torgb.sel.mu.bias']"),
+             (lambda t, m: t.update({'synthesis.hm_conv0_b9.weight': t.pop('synthesis.hm_conv0_b8.weight')}),
+              "unknown tensors ['spatial.hm_conv0_b9.weight']"),
+             (lambda t, m: m['synthesis.b8.conv1.sel.inorm_fn'][1].update(affine=True), 'b8.conv1.sel normalises otherwise'),
+             (lambda t, m: m['synthesis.b16.conv0.sel.output.0'][1].update(negative_slope=0.1), 'not a leaky ReLU 0.2'),
+             (lambda t, m: m.pop('synthesis.b8.torgb.sel'), 'some of its synthesis layers have no SEL'),
+             (lambda t, m: m[''][1]['_init_kwargs'].update(use_sel=False), 'use_sel False')]
+    for edit, needle in cases:
+        def flatten(meta, *a, **k):
+            tensors, modules = real_flatten(meta, *a, **k)
+            if not a and meta['class_name'] == 'Generator':
+                edit(tensors, modules)
+            return tensors, modules
+        monkeypatch.setattr(model, '_flatten', flatten)
+        with pytest.raises(ValueError, match=re.escape(needle)) as e:
+            model.load_checkpoint(path)
+        assert len(str(e.value).splitlines()) == 1
+
+
+def _eqconv(t, layer, act=False, gain=1.0):
+    """The authors' Conv2dLayer, written out: conv with weight / sqrt(fan-in), bias, lrelu 0.2 x sqrt 2, x gain."""
+    k = layer.weight.shape[-1]
+    y = F.conv2d(t, layer.weight / math.sqrt(layer.weight[0].numel()), layer.bias, padding=k // 2)
+    return (F.leaky_relu(y, 0.2) * math.sqrt(2) if act else y) * gain
+
+
+def _their_sel(sel, x, h):
+    """Their SEL.forward step by step: resize, InstanceNorm2d, shared conv, sigma / mu, x + 0.1 conv(lrelu(.))."""
+    hm = F.interpolate(h, size=x.shape[2:], mode='bilinear', align_corners=True)
+    feat = _eqconv(hm, sel.shared[0], act=True)
+    dx = F.instance_norm(x, eps=1e-5) * (1 + _eqconv(feat, sel.sigma)) + _eqconv(feat, sel.mu)
+    return x + _eqconv(F.leaky_relu(dx, 0.2), sel.output[1]) * 0.1
+
+
+def eqgan_tiny(**kw):
+    torch.manual_seed(0)
+    G, D = model.build_networks({**TINY, 'resolution': 32, 'sel': 'norm', 'heatmap': 'official', 'eqgan': 'official', **kw})
+    with torch.no_grad():  # off the initial values (zero biases, unit noise strength ...)
+        for p in G.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return G, D
+
+
+def test_official_sel_encoder_and_placement_by_hand():
+    """--eqgan official G: each level encoded by two 3x3 convs (the second with gain sqrt(0.5)); a SEL on
+    the input of every synthesis layer and toRGB, in forward order; each equals their SEL computed by
+    hand on the features of level b{2 res} (b4 <- b8, b8 <- b16, b16 <- b32), from 32 px up on the
+    96-channel concatenation."""
+    G, _ = eqgan_tiny()
+    h = G.sample_heatmaps(2, 'cpu', torch.Generator().manual_seed(0))
+    assert {k: tuple(v.shape) for k, v in h.items()} == {'centers': (2, 7, 2), 'widths': (2, 7), 'b8': (2, 1, 32, 32),
+                                                        'b16': (2, 2, 32, 32), 'b32': (2, 4, 32, 32)}
+    sp = G.spatial
+    enc = {k: _eqconv(_eqconv(h[k], getattr(sp, f'hm_conv0_{k}'), act=True), getattr(sp, f'hm_conv1_{k}'), act=True,
+                      gain=math.sqrt(0.5)) for k in model.OFFICIAL_KEYS}
+    want_feat = {4: enc['b8'], 8: enc['b16'], 16: enc['b32'], 32: torch.cat([enc['b8'], enc['b16'], enc['b32']], 1)}
+    got = sp.encode(h)
+    assert sorted(got) == [4, 8, 16, 32] and all(torch.allclose(got[r], want_feat[r], atol=1e-5) for r in got)
+    seen = []
+    for name, m in G.synthesis.named_modules():
+        if isinstance(m, model.SELOfficial):
+            m.register_forward_hook(lambda mod, args, out, name=name: seen.append((name, mod, *args, out)))
+    with torch.no_grad():
+        G(torch.randn(2, 32), heatmaps={k: h[k] for k in model.OFFICIAL_KEYS}, noise_mode='const')  # their dict as is
+    assert [s[0] for s in seen] == [f'b{r}.{layer}.sel' for r in (4, 8, 16, 32) for layer in ('conv0', 'conv1', 'torgb')
+                                    if not (r == 4 and layer == 'conv0')]
+    for name, sel, x, hf, out in seen:
+        r = int(name.split('.')[0][1:])
+        assert hf is got[r] or torch.equal(hf, got[r]), name
+        assert torch.allclose(out, _their_sel(sel, x, want_feat[r]), atol=1e-5), name
+    assert seen[2][2].shape[-1] == 4 and seen[3][2].shape[-1] == 8  # b8.conv0's SEL sees its 4x4 input
+
+
+def test_official_sel_on_the_sn_backbones():
+    """The authors' SEL, encoder and sampler on --arch sndcgan / sngan: a SEL on the features of every
+    resolution (the rule of the StyleGAN2 blocks), each equal to their SEL by hand; moving the heatmap
+    changes every sample."""
+    for arch in ('sndcgan', 'sngan'):
+        torch.manual_seed(0)
+        G, _ = model.build_networks(dict(TINY, arch=arch, resolution=16, z_dim=16, channel_base=64, channel_max=16,
+                                         sel='norm', heatmap='official', eqgan='official'))
+        G.eval()
+        assert sorted(G.sel, key=int) == ['4', '8', '16'] and all(isinstance(m, model.SELOfficial) for m in G.sel.values())
+        h = G.sample_heatmaps(3, 'cpu', torch.Generator().manual_seed(1))
+        feats, seen = G.spatial.encode(h), []
+        for r, m in G.sel.items():
+            m.register_forward_hook(lambda mod, args, out, r=int(r): seen.append((r, mod, args[0], out)))
+        z = torch.randn(3, 16)
+        with torch.no_grad():
+            img = G(z, heatmaps=h)
+            for r, sel, x, out in seen:
+                assert torch.allclose(out, _their_sel(sel, x, feats[r]), atol=1e-5), (arch, r)
+            moved = G(z, heatmaps=G.spatial.render(G.spatial.shift(h['centers'], 0.2, 0.1), h['widths']))
+        assert ((moved - img).abs().amax((1, 2, 3)) > 1e-4).all()
+
+
+def test_official_heatmap_sampler_by_hand():
+    """Their generate_heatmap_multi written out from the same draws (level-0 centre N(0, 0.33) clamped to
+    +-0.75 in [-1, 1], sigma (U + 1) / 2 for the batch; offsets U(-0.4, 0.4) and U(-0.8, 0.8), sigmas
+    (U + 0.1) / 1.4 and / 2 per centre; exp(-d^2 / sigma) + 0.01, coordinates (y, x) on a grid with the
+    pixel centres at -1 and 1): ours gives the same maps, its centres in [0, 1] as (x, y); the paper's
+    format renders the same centres and widths, summed per level."""
+    B, R = 5, 16
+    sp = model.SpatialEncoding('norm', 'official', R, model.channels_per_res(256, 32, R), eqgan='official')
+    ours = sp.sample(B, 'cpu', torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)  # the draws in the order sample_official documents
+    c0, s0 = torch.randn(B, 1, 2, generator=g), torch.rand(1, generator=g)
+    d2, u2, d3, u3 = (torch.rand(B, 2, 2, generator=g), torch.rand(B, 2, generator=g), torch.rand(B, 4, 2, generator=g),
+                      torch.rand(B, 4, generator=g))
+    centers = (c0[:, 0] * 0.33).clamp(-0.75, 0.75).flip(1)  # theirs [B, 2]: (y, x)
+    sigma = ((s0 + 1.0) * 0.5).item()
+    l2_delta, l3_delta = ((d2 - 0.5) * 0.8).flip(2).transpose(1, 2), ((d3 - 0.5) * 1.6).flip(2).transpose(1, 2)  # [B, 2, n]
+    sigma2, sigma3 = ((u2 + 0.1) / 1.4).view(B, 1, 1, 2), ((u3 + 0.1) / 2).view(B, 1, 1, 4)
+    coord = 2 * torch.arange(R, dtype=torch.float32) / (R - 1) - 1
+    yy, xx = coord.view(R, 1).expand(R, R), coord.view(1, R).expand(R, R)
+    coords = torch.stack((yy, xx), 0).unsqueeze(0)  # [1, 2, R, R]
+    want = {'b8': (torch.exp(-(coords - centers.view(B, 2, 1, 1)).square().sum(1) / sigma) + 0.01).unsqueeze(1)}
+    for key, delta, s in (('b16', l2_delta, sigma2), ('b32', l3_delta, sigma3)):
+        c = delta + centers.unsqueeze(-1)  # [B, 2, n]
+        d = (coords.unsqueeze(-1) - c.view(B, 2, 1, 1, -1)).square().sum(1)  # [B, R, R, n]
+        want[key] = (torch.exp(-d / s) + 0.01).permute(0, 3, 1, 2)
+    for k in want:
+        assert ours[k].shape == want[k].shape and torch.allclose(ours[k], want[k], atol=2e-6), k
+    assert torch.allclose(ours['centers'][:, 0], (centers.flip(1) + 1) / 2)
+    assert torch.allclose(ours['centers'][:, 1:3], (centers.flip(1).unsqueeze(1) + l2_delta.transpose(1, 2).flip(2) + 1) / 2)
+    big = sp.sample(20000, 'cpu', torch.Generator().manual_seed(0))['centers']  # the clamp, the offsets' ranges
+    assert big[:, 0].min() >= 0.125 - 1e-6 and big[:, 0].max() <= 0.875 + 1e-6
+    assert abs(big[:, 0].std().item() - 0.1625) < 0.005  # 0.33 / 2, a little less for the clamp
+    off = big[:, 1:] - big[:, :1]
+    assert off[:, :2].abs().max() <= 0.2 + 1e-6 and off[:, 2:].abs().max() <= 0.4 + 1e-6 and off[:, 2:].abs().max() > 0.39
+    paper = model.SpatialEncoding('norm', 'official', R, model.channels_per_res(256, 32, R), eqgan='paper')
+    h = paper.sample(B, 'cpu', torch.Generator().manual_seed(7))
+    assert torch.equal(h['centers'], ours['centers']) and set(h) == {'centers', 'widths', 'h4', 'h8', 'h16'}
+    cx, s = ours['centers'][:, 0], ours['widths'][:, 0]  # level 0 at its own 4 x 4 pixel centres, std s
+    grid = (torch.arange(4) + 0.5) / 4
+    d = (grid.view(1, 4, 1) - cx[:, 1].view(B, 1, 1)).square() + (grid.view(1, 1, 4) - cx[:, 0].view(B, 1, 1)).square()
+    assert torch.allclose(h['h4'][:, 0], torch.exp(-d / (2 * s.view(B, 1, 1) ** 2)), atol=1e-6)
+
+
+def test_official_align_loss_by_hand():
+    """Their alignment loss written out for a 'D' linear in its maps (logit_i = sum W A_i, so the
+    gradient of sum softplus(-logit) is -sigmoid(-logit_i) W): weights its spatial mean, CAM = sum_c
+    relu(w_c A_c), upsampled to R (align_corners), min-max with no epsilon; heatmap level 0 raw, finer
+    levels channel mean then min-max; mean of |err| over err > tau if more than one, else over all;
+    summed over levels. G's gradient flows through A only (the weights are constants)."""
+    torch.manual_seed(0)
+    B, R, C = 3, 16, 4
+    sp = model.SpatialEncoding('norm', 'official', R, model.channels_per_res(256, 32, R), eqgan='official')
+    heat = sp.sample(B, 'cpu', torch.Generator().manual_seed(2))
+    W = {r: torch.randn(C, r, r) for r in (4, 8)}
+    A = {r: torch.randn(B, C, r, r, requires_grad=True) for r in (4, 8)}
+    logits = sum((A[r] * W[r]).sum((1, 2, 3)) for r in A)
+    for tau in (0.25, 0.0, 5.0):  # 5: fewer than two above tau, the mean of all
+        got = losses.align_loss_official(logits, A, heat, tau)
+        want = 0
+        for r, key in ((4, 'b8'), (8, 'b16')):
+            w = (-torch.sigmoid(-logits.detach())).view(B, 1, 1, 1) * W[r].mean((1, 2)).view(1, C, 1, 1)
+            acts = F.interpolate(F.relu(w * A[r]).sum(1, keepdim=True), (R, R), mode='bilinear', align_corners=True)
+            acts = acts - acts.amin((2, 3), keepdim=True).detach()
+            acts = acts / acts.amax((2, 3), keepdim=True).detach()
+            hm = heat[key]
+            if hm.shape[1] > 1:
+                hm = hm.mean(1, keepdim=True)
+                hm = hm - hm.amin((2, 3), keepdim=True)
+                hm = hm / hm.amax((2, 3), keepdim=True)
+            err = (acts - hm).abs().flatten()
+            want = want + (err[err > tau].mean() if (err > tau).sum() > 1 else err.mean())
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        ga, gw = torch.autograd.grad(got, [A[4], A[8]], retain_graph=True), torch.autograd.grad(want, [A[4], A[8]])
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ga, gw))
+    assert heat['b8'].min() > 0.01 - 1e-6 and heat['b8'].max() > 1  # level 0 un-normalised: its floor 0.01 stays
+    zero = {4: torch.zeros(B, C, 4, 4, requires_grad=True)}  # a constant CAM: 0 (their nan_to_num), finite gradient
+    loss = losses.align_loss_official((zero[4] * W[4]).sum((1, 2, 3)), zero, heat)
+    assert loss.isfinite() and torch.autograd.grad(loss, zero[4])[0].isfinite().all()
+
+
+def test_eqgan_flags_defaults_and_older_checkpoints(tmp_path, capsys):
+    """--sel norm trains the authors' networks, sampler and loss unless --eqgan paper; concat / flatten keep
+    the paper's reading; a checkpoint written before --eqgan existed (no such key) loads as what it was;
+    flags that do nothing in a mode get one line."""
+    for argv, want in [(['--sel', 'norm'], ('official', 'official')), (['--sel', 'concat'], ('paper', 'hier')),
+                       (['--sel', 'norm', '--eqgan', 'paper'], ('paper', 'hier')),
+                       (['--sel', 'norm', '--heatmap', 'hier'], ('official', 'hier')),
+                       (['--cfg', 'eqgan256', '--sel', 'norm'], ('official', 'official')), ([], ('paper', 'hier'))]:
+        a = train.parse_args(argv)
+        assert (a.eqgan, a.heatmap) == want, argv
+    G, _ = model.build_networks({**TINY, 'sel': 'norm'})  # the args of an older checkpoint: no 'eqgan'
+    assert isinstance(G.synthesis.b4.sel[0], model.SELNorm) and not any(isinstance(m, model.SELOfficial) for m in G.modules())
+    ck = dict(args={**TINY, 'sel': 'norm', 'arch': 'stylegan2'}, step=0, nimg=0, G=G.state_dict(), G_ema=G.state_dict(),
+              D=model.build_networks({**TINY, 'sel': 'norm'})[1].state_dict())
+    torch.save(ck, tmp_path / 'old.pt')
+    assert isinstance(model.load_checkpoint(str(tmp_path / 'old.pt'))['G_ema'].synthesis.b8.sel[1], model.SELNorm)
+    for extra, needle in [(['--eqgan', 'official'], '--eqgan does nothing without --sel'),
+                          (['--sel', 'concat', '--eqgan', 'official'], "has SEL_norm only"),
+                          (['--sel', 'norm', '--align-truncation', 'official'], '--align-truncation does nothing without the alignment loss of --eqgan paper'),
+                          (['--sel', 'norm', '--sel-placement', 'official'], '--sel-placement does nothing without --eqgan paper')]:
+        expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'x'), *extra], needle)
+
+
+def test_eqgan_snapshot_through_the_command_lines(tmp_path, capsys):
+    """model.py samples and edits (--move) from the authors' snapshot and converts it; train.py --init
+    takes every tensor of it (nothing new, nothing unused) and trains a step with their alignment loss."""
+    path, ref = eqgan_fixture()
+    model.main([path, '--seeds', '0-1', '--move', '0.3,0', '--steps', '2', '--out', str(tmp_path / 'e.png')])
+    assert Image.open(tmp_path / 'e.png').size == (2 * 32, 2 * 32)
+    model.main([path, '--convert', str(tmp_path / 'conv.pt')])
+    assert max(eqgan_outputs(model.load_checkpoint(str(tmp_path / 'conv.pt')), ref).values()) < 1e-4
+    out = str(tmp_path / 'ft')
+    train.main(INIT_FLAGS + ['--init', path, '--sel', 'norm', '--out', out])
+    printed = capsys.readouterr().out
+    assert printed.count('init from') == 3 and 'new' not in printed and 'not used' not in printed and 'G/align' in printed
+    ck = load(f'{out}/ckpt-0000001.pt')
+    assert (ck['args']['eqgan'], ck['args']['heatmap'], ck['args']['z_dim']) == ('official', 'official', 64)
 
 
 # ---- class-conditional training and labels
@@ -4476,14 +4779,15 @@ def test_every_backbone_and_loss_trains_under_bf16_autocast(tmp_path, arch, loss
 
 
 @pytest.mark.parametrize('arch', ['sndcgan', 'sngan'])
-@pytest.mark.parametrize('extra', [['--sel', 'norm'], ['--sel', 'norm', '--cam-weights', 'detached'], ['--sel', 'concat'],
-                                   ['--sel', 'flatten'], ['--g-attn', 'san', '--g-attn-res', '8', '--d-attn', 'self']])
+@pytest.mark.parametrize('extra', [['--sel', 'norm'], ['--sel', 'norm', '--eqgan', 'paper', '--cam-weights', 'detached'],
+                                   ['--sel', 'concat'], ['--sel', 'flatten'], ['--g-attn', 'san', '--g-attn-res', '8', '--d-attn', 'self']])
 def test_backbones_with_eqgan_sa_and_attention(tmp_path, monkeypatch, arch, extra):
-    """SEL (+ GradCAM alignment on D's 4, 8, 16 maps, or those of them D has) and self-attention train;
-    the alignment loss reaches G."""
+    """SEL (the authors' or the paper's; + GradCAM alignment on D's 4, 8, 16 maps, or those of them D has)
+    and self-attention train; the alignment loss reaches G."""
     seen = []
-    real_align = losses.align_loss
-    monkeypatch.setattr(losses, 'align_loss', lambda logits, maps, *a, **k: seen.append(sorted(maps)) or real_align(logits, maps, *a, **k))
+    for name in ('align_loss', 'align_loss_official'):
+        monkeypatch.setattr(losses, name, lambda logits, maps, *a, real=getattr(losses, name), **k: (
+            seen.append(sorted(maps)) or real(logits, maps, *a, **k)))
     out = run_sn(tmp_path, arch, '--kimg', '0.016', '--n-dis', '1', *extra)
     log = [json.loads(line) for line in open(f'{out}/log.jsonl')]
     if extra[:2] in (['--sel', 'norm'], ['--sel', 'concat']):

@@ -114,9 +114,16 @@ def make_parser():
     a('--d-attn-res', type=int, default=8, help='D resolution of the attention (paper: 8)')
     a('--ref-attn-eq', type=int, default=8, choices=[8, 1, 2], help='K/Q/V sources: Eq. 2.8 (main paper) or supplement Eq. 1 / 2')
     a('--sel', default='none', choices=['none', 'norm', 'concat', 'flatten'], help='EqGAN-SA spatial encoding in G (Table 4)')
-    a('--heatmap', default='hier', choices=['hier', 'nonhier', 'noise'], help='EqGAN-SA heatmap sampling (Table 3)')
+    a('--eqgan', choices=model.EQGAN_MODES,
+      help="EqGAN-SA as the authors' code builds it ('official', the default with --sel norm: their SEL before every "
+           "layer, full-resolution heatmaps, their sampler and alignment loss) or as the paper's text reads ('paper', "
+           "the default with --sel concat / flatten)")
+    a('--heatmap', choices=model.HEATMAP_KINDS,
+      help="EqGAN-SA heatmap sampling: the paper's 'hier' (default with --eqgan paper), 'nonhier', 'noise' (Table 3), "
+           "or the authors' 'official' (default with --eqgan official)")
     a('--sel-placement', default='paper', choices=model.SEL_PLACEMENTS,
-      help="SELs after each conv ('paper') or before every conv plus one local to toRGB (the authors' code)")
+      help="--eqgan paper: SELs after each conv ('paper') or before every conv at 4-16 px plus one local to toRGB "
+           "(an earlier reading of the authors' code)")
     # losses and optimisation
     a('--loss', default='nonsat', choices=losses.LOSSES, help='adversarial loss (thesis Table 2.1)')
     a('--g-form', default='swap', choices=['swap', 'minimax'], help='G side of the contrastive loss (see README)')
@@ -138,9 +145,10 @@ def make_parser():
     a('--align-weight', type=float, default=1.0, help='EqGAN-SA alignment loss weight (with --sel)')
     a('--align-tau', type=float, default=0.25, help='EqGAN-SA truncation threshold tau (Eq. 4)')
     a('--align-truncation', default='paper', choices=['paper', 'official'],
-      help="Eq. 4 truncation: 'paper' zeroes errors <= tau; 'official' averages only errors > tau (authors' code)")
+      help="--eqgan paper, Eq. 4 truncation: 'paper' zeroes errors <= tau; 'official' averages only errors > tau "
+           "(authors' code)")
     a('--cam-weights', default='graph', choices=losses.CAM_WEIGHTS,
-      help="GradCAM weights in Eq. 4: 'graph' differentiates through them (double backward); 'detached' "
+      help="--eqgan paper, GradCAM weights in Eq. 4: 'graph' differentiates through them (double backward); 'detached' "
            "treats them as constants (authors' code, cheaper)")
     a('--align-interval', type=int, default=1,
       help='EqGAN-SA: alignment loss every N G steps with weight x N (lazy, like R1; 1 = every step, the paper)')
@@ -181,6 +189,13 @@ def parse_args(argv=None):
             setattr(args, k, v)
     if 'lr_decay_kimg' not in args.explicit and 'kimg' in args.explicit and args.kimg > 0:
         args.lr_decay_kimg = preset['lr_decay_kimg'] * args.kimg / preset['kimg']  # the preset's share of the run
+    # EqGAN-SA: the authors' networks unless asked otherwise (they produced the paper's tables); their code
+    # has SEL_norm only, so concat / flatten (and runs without SEL) keep the paper's reading
+    args.explicit += [k for k in ('eqgan', 'heatmap') if getattr(args, k) is not None]
+    if args.eqgan is None:
+        args.eqgan = 'official' if args.sel == 'norm' else 'paper'
+    if args.heatmap is None:
+        args.heatmap = 'official' if args.eqgan == 'official' else 'hier'
     return args
 
 
@@ -237,14 +252,19 @@ def check_args(args, world, device):
     # user would believe they measured its effect. (Preset flags are not listed: presets fill them.)
     # StyleGAN2's lazy intervals always act (they scale Adam, as in the official code); elsewhere only with R1.
     aligning = args.sel != 'none' and not args.no_align and args.align_weight > 0
+    for key in ('eqgan', 'heatmap'):  # their defaults follow --sel (parse_args)
+        if key in args.explicit and args.sel == 'none':
+            raise UserError(f'--{key} does nothing without --sel norm (or concat/flatten); add that or drop the flag')
+    paper = args.eqgan == 'paper'
     default = make_parser().get_default
     for key, active, needs in [
-            ('heatmap', args.sel != 'none', '--sel norm (or concat/flatten)'),
             ('no_align', args.sel != 'none', '--sel norm (or concat/flatten)'),
-            ('sel_placement', args.sel in ('norm', 'concat'), '--sel norm or concat'),
+            ('sel_placement', args.sel in ('norm', 'concat') and paper, '--eqgan paper and --sel norm or concat'),
             ('align_weight', args.sel != 'none' and not args.no_align, '--sel norm (or concat/flatten) without --no-align'),
             *((k, aligning, 'the alignment loss (--sel without --no-align, --align-weight > 0)')
-              for k in ('align_tau', 'align_truncation', 'cam_weights', 'align_interval')),
+              for k in ('align_tau', 'align_interval')),
+            *((k, aligning and paper, "the alignment loss of --eqgan paper (--eqgan official's is the authors' as a whole)")
+              for k in ('align_truncation', 'cam_weights')),
             ('g_form', args.loss == 'contrastive', '--loss contrastive'),
             ('warmup_kimg', args.loss == 'contrastive', '--loss contrastive'),
             ('g_attn_res', args.g_attn != 'none', '--g-attn san (or sagan/dfn/vt)'),
@@ -755,9 +775,11 @@ def train(args, rank, world, device, init=None):
                 real_logits = D_main(real, ref, c=c_real).detach() if kind == 'contrastive' else None
                 loss = losses.g_loss(kind, fake_logits, real_logits, args.g_form)
             record('G/loss', loss)
-            if align_now:  # EqGAN-SA Eq. 4
-                l_align = losses.align_loss(fake_logits, maps, lat['heatmaps'], args.align_tau, args.align_truncation,
-                                            args.cam_weights)
+            if align_now:  # EqGAN-SA Eq. 4 (--eqgan official: as the authors' code computes it)
+                l_align = (losses.align_loss_official(fake_logits, maps, lat['heatmaps'], args.align_tau)
+                           if args.eqgan == 'official' else
+                           losses.align_loss(fake_logits, maps, lat['heatmaps'], args.align_tau, args.align_truncation,
+                                             args.cam_weights))
                 record('G/align', l_align)
                 loss = loss + args.align_weight * args.align_interval * l_align
             grad = phase_step(G, opt_G, scaler_G, loss, world)
