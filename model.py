@@ -623,14 +623,21 @@ class SNLayer(nn.Module):
         self.register_buffer('v', F.normalize(torch.randn(w[0].numel()), dim=0))
         self.k, self.stride, self.padding = k, stride, padding
 
+    @torch.compiler.disable  # see forward
+    def power_iteration(self, w):  # Algorithm 1: v <- W^T u / |W^T u|, u <- W v / |W v|; returns copies of the new u, v
+        with torch.no_grad():
+            self.v.copy_(F.normalize(w.t() @ self.u, dim=0))
+            self.u.copy_(F.normalize(w @ self.v, dim=0))
+        return self.u.clone(), self.v.clone()  # a later forward updates u, v in place before this one's backward
+
     def forward(self, x):
         w = self.weight.flatten(1)  # [out, in * k * k]
         with torch.autocast(x.device.type, enabled=False):  # power iteration and sigma in fp32 under mixed precision
-            if self.training:
-                with torch.no_grad():  # Algorithm 1: v <- W^T u / |W^T u|, u <- W v / |W v|
-                    self.v.copy_(F.normalize(w.t() @ self.u, dim=0))
-                    self.u.copy_(F.normalize(w @ self.v, dim=0))
-            sigma = self.u.clone() @ w @ self.v.clone()  # clones: a later forward updates u, v in place before backward
+            # The power iteration runs outside torch.compile's graph: compiled, its in-place update of u
+            # became an input the backward recomputed v from, and D's second forward (reals after fakes)
+            # changed it before the first one's backward (a RuntimeError at the first step)
+            u, v = self.power_iteration(w) if self.training else (self.u, self.v)
+            sigma = u @ w @ v
         w = (self.weight / sigma).to(x.dtype)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         return F.conv2d(x, w, b, self.stride, self.padding) if self.k else F.linear(x, w, b)
