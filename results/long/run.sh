@@ -8,6 +8,7 @@
 #   bash results/long/run.sh quick-contrastive-s1   # one run
 #   KIMG=1000 bash results/long/run.sh      # continue finished runs to 1,000 kimg (constant lr: the same run)
 #   DRY=1 bash results/long/run.sh          # print the commands only
+#   ALL=1 bash results/long/run.sh          # also (b)'s SEL-alone arm
 #   PROFILE=gpu bash results/long/run.sh    # the same arms at the SN paper's full width on a CUDA GPU, bf16,
 #                                           # one run at a time, summaries in results/long-gpu/
 #
@@ -38,8 +39,11 @@ fi
 declare -A ARM=(
   [$PREFIX-nonsat]=""                                            # (a) and (b): the baseline
   [$PREFIX-contrastive]="--loss contrastive --warmup-kimg 50"    # (a) supplement Table 1
+  [$PREFIX-sel-align]="--sel norm"                               # (b) EqGAN-SA Table 2: SEL_norm + alignment (authors' code)
+  [$PREFIX-sel]="--sel norm --no-align"                          # (b) SEL_norm alone
 )
-ORDER="$PREFIX-nonsat $PREFIX-contrastive"   # seeds interleaved: s0 of every arm first
+ORDER="$PREFIX-nonsat $PREFIX-contrastive $PREFIX-sel-align"   # seeds interleaved: s0 of every arm first
+[ -n "${ALL:-}" ] && ORDER="$ORDER $PREFIX-sel"                # ALL=1: SEL alone too, if the budget allows
 RUNS=""
 for s in 0 1 2; do for a in $ORDER; do RUNS="$RUNS $a-s$s"; done; done
 [ $# -gt 0 ] && RUNS="$*"
