@@ -539,6 +539,8 @@ def atomic_write(path, write, mode='wb'):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # name the file the user asked for, not the .tmp (or a file object)
+        raise OSError(e.errno, e.strerror or str(e), os.fspath(path)) from None
     finally:  # also after a Ctrl-C that stops at once
         if os.path.exists(tmp):
             os.remove(tmp)
