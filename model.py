@@ -21,6 +21,10 @@ Run alone:
   python model.py CKPT --heatmap-centers 0.5,0.5 --move 0.2,0 --out edit.png   # EqGAN-SA editing
   python model.py CKPT --attn-maps --out attn.png     # SAN attention maps (thesis Fig. 2.5)
   python model.py network-snapshot.pkl --convert net.pt  # an official pickle -> this project's checkpoint
+  python model.py CKPT --project target.png --out proj.png  # its latent in W (proj.npz); --w proj.npz reuses it
+  python model.py CKPT --seeds 1,5,9 --interp --loop --out walk.gif  # latent walk (--space z|w; .mp4 with imageio-ffmpeg)
+  python model.py CKPT --seeds 0-5 --style-mix 10-15 --out mix.png  # also --trunc-sweep 1,0.5,0 and --heatmap-walk
+  python model.py CKPT --seeds 0-49999 --outdir fakes/  # one PNG per seed, for external FID tools
 """
 import argparse
 import collections
@@ -1434,6 +1438,277 @@ def attention_maps(G, z, points, heatmaps=None, c=None):
     return out.clamp(0, 255).to(torch.uint8)
 
 
+# ----------------------------------------------------------------------------------------------
+# Tools for a trained generator: one batched sampling path (grids, image folders, videos, figures),
+# projection of an image into W (StyleGAN2 paper Sec. 5, the recipe of stylegan2-ada-pytorch's
+# projector), latent walks in Z or W, style mixing, truncation sweeps, heatmap walks. The SN backbones
+# (SmallGenerator) have no W: they sample, walk in Z and walk heatmaps; the W tools say so.
+
+def seed_latents(G, seeds, device):
+    """z [N, z_dim] and heatmaps (None when G takes none) of each seed: one seed, one image, in every command."""
+    z = torch.stack([torch.randn(G.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+    if not G.uses_heatmaps:
+        return z, None
+    hs = [G.sample_heatmaps(1, device, torch.Generator(device).manual_seed(s)) for s in seeds]
+    return z, {k: torch.cat([h[k] for h in hs]) for k in hs[0]}
+
+
+def sample(G, z=None, ws=None, heatmaps=None, c=None, psi=1.0, cutoff=None, noise=None, batch=32, progress=None):
+    """The one sampling path of every tool: uint8 images, one [b, 3, R, R] chunk of `batch` at a time (a
+    folder of 50k never sits in memory), from z [N, z_dim] (mapped, truncated by psi on the first `cutoff`
+    ws) or from ws [N, num_ws, w_dim] (synthesised as given), with heatmaps {key: [N, ...]} and labels
+    c [N, c_dim]. Constant noise (or `noise`, a list of [1, 1, r, r]): an image is a function of its
+    latents alone. progress(done, N) after each chunk."""
+    n = (z if ws is None else ws).shape[0]
+    for i in range(0, n, batch):
+        h = None if heatmaps is None else {k: v[i:i + batch] for k, v in heatmaps.items()}
+        if ws is not None:
+            img = G.synthesize(ws[i:i + batch], noise_mode='const', heatmaps=h, noise=noise)
+        elif isinstance(G, Generator):
+            img = G(z[i:i + batch], psi=psi, cutoff=cutoff, noise_mode='const', heatmaps=h,
+                    c=None if c is None else c[i:i + batch])
+        else:
+            img = G(z[i:i + batch], heatmaps=h)
+        if progress:
+            progress(min(i + batch, n), n)
+        yield to_uint8(img)
+
+
+def need_w(G, what):
+    if not isinstance(G, Generator):
+        raise ValueError(f'{what} needs a W space (a mapping network); an --arch {G.arch} generator has only Z')
+
+
+def save_latents(path, ws, heatmaps=None):
+    """ws [N, num_ws, w_dim] as 'w' (the official projector's key) and, for EqGAN-SA generators, the
+    heatmaps they were drawn with, in an .npz (numbers only: np.load needs no pickle to read it)."""
+    arrays = {'w': ws.detach().cpu().numpy(), **{f'heatmap_{k}': v.cpu().numpy() for k, v in (heatmaps or {}).items()}}
+    with open(path + '.tmp', 'wb') as f:
+        np.savez(f, **arrays)
+    os.replace(path + '.tmp', path)
+
+
+def load_latents(path, G, device):
+    """(ws [N, num_ws, w_dim], heatmaps or None) from an .npz of --project (or the official projector's
+    projected_w.npz), checked against G. allow_pickle=False: nothing in the file is run."""
+    need_w(G, f'--w {path}')
+    try:
+        with np.load(path, allow_pickle=False) as f:  # an .npy (one array) is no context manager: TypeError
+            arrays = {k: f[k] for k in f.files}  # arrays are read here: an object (pickled) array raises ValueError
+    except FileNotFoundError:
+        raise ValueError(f'no latent file at {path}; write one with --project') from None
+    except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f'cannot read {path} as an .npz of numbers ({type(e).__name__}); give a file written by '
+                         f'--project (pickled objects are refused, never loaded)') from None
+    if 'w' not in arrays:
+        raise ValueError(f"{path} holds no 'w' array; give an .npz written by --project")
+    w, want = arrays.pop('w'), (G.num_ws, G.w_dim)
+    if w.ndim != 3 or w.shape[1:] != want or w.dtype.kind != 'f' or not np.isfinite(w).all():
+        raise ValueError(f'{path} holds w of shape {list(w.shape)} ({w.dtype}); this network takes finite [N, {want[0]}, {want[1]}]: '
+                         f'a latent of another network?')
+    heat = {k[len('heatmap_'):]: torch.from_numpy(v).to(device) for k, v in arrays.items() if k.startswith('heatmap_')}
+    own = G.sample_heatmaps(1, device)
+    if (own is None) != (not heat) or own and any(k not in heat or heat[k].shape[1:] != own[k].shape[1:] for k in own):
+        raise ValueError(f'{path} was projected with {"no" if not heat else "other"} heatmaps; this network '
+                         f'{"takes none" if own is None else "takes its own (EqGAN-SA)"}: a latent of another network?')
+    return torch.from_numpy(w).float().to(device), ({k: v.float() for k, v in heat.items()} if heat else None)
+
+
+def slerp(a, b, t):
+    """Spherical interpolation from a [N, D] (t = 0) to b [N, D] (t = 1, both exactly) by t [N, 1]."""
+    omega = F.cosine_similarity(a, b, dim=-1).clamp(-1, 1).acos().unsqueeze(-1)  # [N, 1]
+    so = omega.sin()
+    arc = ((1 - t) * omega).sin() / so * a + (t * omega).sin() / so * b
+    return torch.where(so < 1e-6, a.lerp(b, t), arc)  # (anti)parallel: no plane to turn in
+
+
+def walk(k, frames, loop):
+    """A walk through k keyframes, `frames` per step: (from [T], to [T], t [T]); T = (k - 1) frames + 1,
+    or k frames with loop (back to the first, whose frame is then not repeated)."""
+    pairs = [(i, i + 1) for i in range(k - 1)] + ([(k - 1, 0)] if loop else [])
+    steps = [(i, j, f / frames) for i, j in pairs for f in range(frames)] + ([] if loop else [(k - 2, k - 1, 1.0)])
+    i, j, t = zip(*steps)
+    return torch.tensor(i), torch.tensor(j), torch.tensor(t)
+
+
+def mix_heatmaps(G, h, i, j, t):
+    """Heatmaps between h[i] and h[j] [T]: the centres move (re-rendered); noise maps (no centres) cross-fade."""
+    if h is None:
+        return None
+    if 'centers' in h:
+        return G.spatial.render(h['centers'][i].lerp(h['centers'][j], t.view(-1, 1, 1)))
+    return {k: v[i].lerp(v[j], t.view(-1, 1, 1, 1)) for k, v in h.items()}
+
+
+def interpolate(G, z=None, ws=None, heatmaps=None, c=None, psi=1.0, cutoff=None, frames=30, loop=False, batch=32):
+    """Frames uint8 [T, 3, R, R] of a walk through the sources in order: seeds' z [K, z_dim] by slerp in Z
+    (truncation after the mapping, per frame), or ws [K, num_ws, w_dim] by lerp in W."""
+    k = (z if ws is None else ws).shape[0]
+    if k < 2:
+        raise ValueError('an interpolation needs at least two sources (--seeds 0,1 or two --w files)')
+    i, j, t = walk(k, frames, loop)
+    h, cc = mix_heatmaps(G, heatmaps, i, j, t), None if c is None else c[i]
+    if ws is None:
+        return torch.cat(list(sample(G, z=slerp(z[i], z[j], t[:, None].to(z)), heatmaps=h, c=cc, psi=psi, cutoff=cutoff, batch=batch)))
+    return torch.cat(list(sample(G, ws=ws[i].lerp(ws[j], t.view(-1, 1, 1).to(ws)), heatmaps=h, batch=batch)))
+
+
+def style_mix(row_ws, col_ws, layers):
+    """Style-mixing figure (StyleGAN Fig. 3): cell (r, k) takes the ws of row r with `layers` (indices)
+    from column k. [R, L, C], [K, L, C] -> [R * K, L, C], row-major."""
+    ws = row_ws.unsqueeze(1).repeat(1, col_ws.shape[0], 1, 1)  # [R, K, L, C]
+    ws[:, :, layers] = col_ws[:, layers].unsqueeze(0)
+    return ws.flatten(0, 1)
+
+
+def heatmap_walk(G, z, heatmaps, c=None, psi=1.0, cutoff=None, frames=30, radius=0.3, batch=32):
+    """EqGAN-SA: frames [T, 3, R, N R] of N seeds side by side while their level-0 heatmap centre circles the
+    image centre (the finer centres follow it in 'hier' heatmaps), one turn in T frames."""
+    if not G.uses_heatmaps:
+        raise ValueError('this generator has no heatmap input: train with --sel norm for a heatmap walk')
+    if 'centers' not in heatmaps:
+        raise ValueError('--heatmap noise has no centres to move; a heatmap walk needs --heatmap hier or nonhier')
+    n, angle = z.shape[0], torch.arange(frames, device=z.device) * (2 * math.pi / frames)
+    x, y = (0.5 + radius * angle.cos()).repeat_interleave(n), (0.5 + radius * angle.sin()).repeat_interleave(n)  # [T N]
+    centers = heatmaps['centers'].repeat(frames, 1, 1)  # [T N, K, 2]
+    h = G.spatial.render(G.spatial.shift(centers, x - centers[:, 0, 0], y - centers[:, 0, 1]))
+    imgs = torch.cat(list(sample(G, z=z.repeat(frames, 1), heatmaps=h, c=None if c is None else c.repeat(frames, 1),
+                                 psi=psi, cutoff=cutoff, batch=batch)))  # [T N, 3, R, R]
+    return imgs.view(frames, n, *imgs.shape[1:]).permute(0, 2, 3, 1, 4).flatten(3)  # [T, 3, R, N R]
+
+
+def write_video(frames, path, fps=30, zoom=1):
+    """uint8 frames [T, 3, H, W] -> an animated GIF (Pillow; loops forever) or, for .mp4, H.264 through
+    imageio-ffmpeg when it is installed. Written to a temporary file, then renamed."""
+    frames = frames.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3).permute(0, 2, 3, 1).contiguous().numpy()  # [T, H, W, 3]
+    root, ext = os.path.splitext(path)
+    tmp = f'{root}.tmp{ext}'
+    if ext.lower() == '.mp4':
+        try:
+            import imageio_ffmpeg
+        except ImportError:
+            raise ValueError(f'writing {path} needs imageio-ffmpeg: pip install imageio-ffmpeg (or write a .gif)') from None
+        writer = imageio_ffmpeg.write_frames(tmp, (frames.shape[2], frames.shape[1]), fps=fps, macro_block_size=1)
+        writer.send(None)  # starts ffmpeg
+        for frame in frames:
+            writer.send(frame)
+        writer.close()
+    else:
+        from PIL import Image
+        # Pillow merges identical consecutive frames into one longer frame; distinct frames stay as given
+        ims = [Image.fromarray(f) for f in frames]
+        ims[0].save(tmp, format='GIF', save_all=True, append_images=ims[1:], duration=max(20, round(1000 / fps)), loop=0)
+    os.replace(tmp, path)
+
+
+def video_path(path):
+    if os.path.splitext(path)[1].lower() not in ('.gif', '.mp4'):
+        raise ValueError(f'{path}: a video is written as .gif or .mp4; name the output e.g. walk.gif')
+    return path
+
+
+# Projection (StyleGAN2 paper Sec. 5; stylegan2-ada-pytorch projector.py's defaults): the distance is
+# taken between feature lists; PROJECT_DISTANCES names the offline ones (no download).
+
+def pixel_features(img):
+    """Multi-scale pixels: the image and its 2x2-average pyramid down to 8x8, [1, 3, r, r] each."""
+    feats = [img]
+    while feats[-1].shape[-1] > 8:
+        feats.append(F.avg_pool2d(feats[-1], 2))
+    return feats
+
+
+def d_features(D, c=None, ref=None):
+    """The run's own D as a perceptual network (LPIPS without learned weights): each block's output,
+    unit-normalised over channels at every position. ref: the reference image of a Siamese D."""
+    def feats(img):
+        maps = D(img, ref=ref, c=c, return_maps=True)[-1]
+        return [m * (m.square().sum(1, keepdim=True) + 1e-10).rsqrt() for m in maps.values()]
+    return feats
+
+
+def feature_distance(a, b):
+    """Sum over feature maps of the squared difference summed over channels, averaged over positions."""
+    return sum((x - y).square().sum(1).mean() for x, y in zip(a, b))
+
+
+def noise_regularizer(noise):
+    """Squared autocorrelations of each noise map at one-pixel shifts, over its pyramid down to 8x8: keeps
+    the noise from carrying the image (the projector's noise regularisation)."""
+    reg = 0
+    for n in noise:
+        while True:
+            reg = reg + (n * n.roll(1, 3)).mean().square() + (n * n.roll(1, 2)).mean().square()
+            if n.shape[2] <= 8:
+                break
+            n = F.avg_pool2d(n, 2)
+    return reg
+
+
+@torch.enable_grad()
+def project(G, target, features, steps=1000, w_plus=False, seed=0, heatmaps=None, c=None, w_samples=10000, lr=0.1,
+            noise_factor=0.05, noise_ramp=0.75, lr_rampdown=0.25, lr_rampup=0.05, noise_weight=1e5, log=None):
+    """target [1, 3, R, R] in [-1, 1] -> (ws [1, num_ws, w_dim], noise [[1, 1, r, r] per noise input],
+    ws after every step [steps, num_ws, w_dim], distance at every step [steps]). W: one w for all layers;
+    w_plus: one per layer. Starts at w_avg of w_samples mapped z; Adam on w and the noise maps, lr
+    ramped up over the first 5% and down by a half cosine over the last 25%; Gaussian noise of
+    noise_factor x the spread of W is added to w, decaying to 0 (quadratically) over the first 75%.
+    Deterministic given seed (noise maps and w noise); the mapped z use the fixed seed 123."""
+    need_w(G, '--project')
+    dev, L = target.device, G.num_ws
+    gen = torch.Generator(dev).manual_seed(seed)
+    with torch.no_grad():
+        z = torch.randn(w_samples, G.z_dim, generator=torch.Generator().manual_seed(123)).to(dev)
+        rep = lambda t: None if t is None else t.expand(w_samples, *t.shape[1:])
+        w = G.map(z, heatmaps=None if heatmaps is None else {k: rep(v) for k, v in heatmaps.items()}, c=rep(c))[:, :1]  # [N, 1, C]
+        w_avg = w.mean(0, keepdim=True)  # [1, 1, C]
+        w_std = ((w - w_avg).square().sum() / w_samples).sqrt().item()  # the spread: sqrt(E ||w - w_avg||^2)
+        goal = [f.detach() for f in features(target)]
+    w_opt = w_avg.repeat(1, L if w_plus else 1, 1).requires_grad_()  # [1, 1 or L, C]
+    noise = [torch.randn(1, 1, r, r, generator=gen, device=dev).requires_grad_() for r in G.noise_res]
+    opt = torch.optim.Adam([w_opt] + noise, lr=lr, betas=(0.9, 0.999))
+    history, dists = [], []
+    for step in range(steps):
+        t = step / steps
+        w_noise_scale = w_std * noise_factor * max(0.0, 1 - t / noise_ramp) ** 2
+        ramp = 0.5 - 0.5 * math.cos(min(1.0, (1 - t) / lr_rampdown) * math.pi)  # half cosine down at the end
+        for g in opt.param_groups:
+            g['lr'] = lr * ramp * min(1.0, t / lr_rampup)  # linear up at the start
+        ws = (w_opt + torch.randn(w_opt.shape, generator=gen, device=dev) * w_noise_scale).expand(-1, L, -1)  # [1, L, C]
+        img = G.synthesize(ws, heatmaps=heatmaps, noise=noise)  # [1, 3, R, R]
+        dist = feature_distance(features(img), goal)
+        loss = dist + noise_weight * noise_regularizer(noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for n in noise:  # back to zero mean, unit variance
+                n -= n.mean()
+                n *= n.square().mean().rsqrt()
+        history.append(w_opt.detach().expand(-1, L, -1)[0].clone())
+        dists.append(dist.item())
+        if log and (step + 1) % max(1, steps // 10) == 0:
+            log(f'step {step + 1}/{steps}: distance {dists[-1]:.4f}')
+    return history[-1][None], [n.detach() for n in noise], torch.stack(history), torch.tensor(dists)
+
+
+def read_target(path, resolution, device):
+    """An RxR RGB image file -> [1, 3, R, R] in [-1, 1]; ValueError in one line for another size or mode."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except FileNotFoundError:
+        raise ValueError(f'no target image at {path}') from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f'cannot read {path} as an image ({type(e).__name__})') from None
+    if im.size != (resolution, resolution) or im.mode != 'RGB':
+        raise ValueError(f'{path} is a {im.size[0]}x{im.size[1]} {im.mode} image; this network makes {resolution}x{resolution} RGB: '
+                         f'crop and resize it to that (e.g. PIL: im.convert("RGB").resize(...)) first')
+    x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].to(device)  # [1, 3, R, R] uint8
+    return x.float() / 127.5 - 1
+
+
 @torch.no_grad()
 def main(argv=None):
     p = argparse.ArgumentParser(description='Parameter counts (no CKPT), or samples / edits / attention maps from a '
@@ -1444,7 +1719,7 @@ def main(argv=None):
     p.add_argument('--class', dest='cls', type=int, help='class-conditional networks: the class to draw')
     p.add_argument('--trunc', type=float, default=1.0, help='truncation psi (1 = none)')
     p.add_argument('--trunc-cutoff', type=int, help='truncate only the first N ws')
-    p.add_argument('--out', default='samples.png', help='output PNG')
+    p.add_argument('--out', help='output PNG (default samples.png), or video (.gif / .mp4)')
     p.add_argument('--convert', metavar='OUT_PT', help="write the networks as this project's checkpoint (G, D, G_ema, args) "
                    'for metrics.py, model.py and train.py --init')
     p.add_argument('--zoom', type=int, default=1, help='enlarge the PNG N times (nearest neighbour), for small images')
@@ -1455,6 +1730,32 @@ def main(argv=None):
     p.add_argument('--attn-maps', action='store_true', help='SAN attention maps around --points (thesis Fig. 2.5)')
     p.add_argument('--points', type=lambda s: [parse_xy(q, inside=True) for q in s.split(';')], default='0.3,0.3;0.7,0.6',
                    help="points 'x,y;x,y' in [0, 1] for --attn-maps")
+    p.add_argument('--outdir', help='write one PNG per seed here (seed000123.png; --class, --trunc), e.g. for clean-fid')
+    p.add_argument('--batch', type=int, default=32, help='images per forward pass of G')
+    p.add_argument('--w', nargs='+', metavar='NPZ', help='latents written by --project, used in place of --seeds '
+                   '(grids, --interp in W, the rows of --style-mix); always with the constant noise')
+    p.add_argument('--interp', action='store_true', help='a latent walk through the seeds (or --w files) in order, '
+                   'to --out .gif or .mp4 (default interp.gif)')
+    p.add_argument('--space', choices=('z', 'w'), default='z', help='--interp: slerp in Z or lerp in W (--w files: W)')
+    p.add_argument('--frames', type=int, default=30, help='--interp: frames per step between sources; --heatmap-walk: frames per turn')
+    p.add_argument('--loop', action='store_true', help='--interp: walk back to the first source (a seamless loop)')
+    p.add_argument('--fps', type=int, default=30, help='frames per second of videos')
+    p.add_argument('--style-mix', type=parse_seeds, metavar='SEEDS', help="style-mixing grid: these column seeds' "
+                   '--mix-layers replace those of the row --seeds (or --w)')
+    p.add_argument('--mix-layers', type=parse_seeds, help="--style-mix: the ws taken from the columns, e.g. '0-3' "
+                   '(default: the coarse half, 0 to num_ws / 2 - 1)')
+    p.add_argument('--trunc-sweep', type=lambda s: [float(v) for v in s.split(',')], metavar='PSIS',
+                   help="a row per seed, a column per truncation psi, e.g. '1,0.7,0.5,0'")
+    p.add_argument('--heatmap-walk', action='store_true', help="EqGAN-SA: a video of the seeds while the heatmap's centre "
+                   'circles the image centre (--out .gif or .mp4, default walk.gif)')
+    p.add_argument('--project', metavar='TARGET', help='find the latent of this RxR RGB image; writes --out (default '
+                   'projected.png: target | projection), its .npz (for --w) and, with --video, the optimisation')
+    p.add_argument('--project-steps', type=int, default=1000, help='--project: optimisation steps (official: 1000)')
+    p.add_argument('--w-plus', action='store_true', help='--project: one w per layer (W+) instead of one for all (W)')
+    p.add_argument('--distance', choices=('pixels', 'd'), default='pixels', help="--project: multi-scale pixels, or the "
+                   "features of the run's own D ('d', unit-normalised like LPIPS; measured worse, see the README)")
+    p.add_argument('--seed', type=int, default=0, help='--project: seed of the noise maps and of the noise added to w')
+    p.add_argument('--video', help='--project: also write the optimisation as this .gif or .mp4')
     p.add_argument('--resolution', type=int, default=256, help='without CKPT: resolution of the table')
     p.add_argument('--channel-base', type=int, default=16384, help='without CKPT: channel base (config E: 16384)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -1478,14 +1779,34 @@ def main(argv=None):
                              f'path and the free space') from None
         print(f'wrote {a.convert} (networks only: train.py --init {a.convert} fine-tunes from it)')
         return
-    plain = not (a.move or a.heatmap_centers or a.attn_maps)
-    if len(a.ckpt) > 1 and not plain:
-        raise SystemExit('error: --move, --heatmap-centers and --attn-maps take one checkpoint; several only sample')
-    if a.steps < 1:
-        raise SystemExit(f'error: --steps {a.steps} must be at least 1')
+    tools = [flag for flag, on in (('--move', a.move), ('--heatmap-centers', a.heatmap_centers), ('--attn-maps', a.attn_maps),
+                                   ('--outdir', a.outdir), ('--interp', a.interp), ('--style-mix', a.style_mix),
+                                   ('--trunc-sweep', a.trunc_sweep), ('--heatmap-walk', a.heatmap_walk),
+                                   ('--project', a.project)) if on]
+    tool = tools[0] if tools else None
+    if len({'--move' if t == '--heatmap-centers' else t for t in tools}) > 1:  # --move with --heatmap-centers is one edit
+        raise SystemExit(f'error: {" and ".join(tools)}: one tool at a time')
+    if len(a.ckpt) > 1 and tools:
+        raise SystemExit(f'error: {tool} takes one checkpoint; several only sample')
+    for flag, v in (('--steps', a.steps), ('--frames', a.frames), ('--batch', a.batch), ('--fps', a.fps),
+                    ('--project-steps', a.project_steps)):
+        if v < 1:
+            raise SystemExit(f'error: {flag} {v} must be at least 1')
+    if a.w and tool not in (None, '--interp', '--style-mix'):
+        raise SystemExit(f'error: --w feeds sample grids, --interp and --style-mix, not {tool}; use --seeds')
+    if a.w and a.trunc != 1:
+        raise SystemExit('error: --trunc applies to seeds; a --w latent is used as it is: drop --trunc')
+    if a.trunc_sweep and a.trunc != 1:
+        raise SystemExit('error: --trunc-sweep sets psi per column: drop --trunc')
+    out = a.out or {'--interp': 'interp.gif', '--heatmap-walk': 'walk.gif', '--project': 'projected.png'}.get(tool, 'samples.png')
+    if tool in ('--interp', '--heatmap-walk'):
+        video_path(out)
+    if a.video:
+        video_path(a.video)
     dev, seeds, rows = torch.device(a.device), a.seeds, []
     for path in a.ckpt:
-        G = load_checkpoint(path, dev)['G_ema']
+        nets = load_checkpoint(path, dev)
+        G = nets['G_ema']
         c_dim = getattr(G, 'c_dim', 0)
         if c_dim and not (a.cls is not None and 0 <= a.cls < c_dim):
             raise SystemExit(f'error: {path} is class-conditional: pass --class K with K in [0, {c_dim - 1}]')
@@ -1494,14 +1815,18 @@ def main(argv=None):
         stylegan = isinstance(G, Generator)
         if not stylegan and (a.trunc != 1 or a.trunc_cutoff is not None):
             raise SystemExit(f'error: --trunc needs a mapping network; {path} is an --arch {G.arch} generator')
-        kw = dict(psi=a.trunc, cutoff=a.trunc_cutoff, noise_mode='const') if stylegan else dict(noise_mode='const')
-        z = torch.stack([torch.randn(G.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(dev)
-        if c_dim:
-            kw['c'] = F.one_hot(torch.full([len(seeds)], a.cls), c_dim).float().to(dev)
-        hs = [G.sample_heatmaps(1, dev, torch.Generator(dev).manual_seed(s)) for s in seeds] if G.uses_heatmaps else None
-        heat = {k: torch.cat([h[k] for h in hs]) for k in hs[0]} if hs else None
-        if plain:
-            rows.append(to_uint8(G(z, heatmaps=heat, **kw)))
+        trunc = dict(psi=a.trunc, cutoff=a.trunc_cutoff) if stylegan else {}
+        label = lambda n: F.one_hot(torch.full([n], a.cls), c_dim).float().to(dev) if c_dim else None  # [n, c_dim]
+        if a.w:  # projected latents in place of seeds
+            loaded = [load_latents(f, G, dev) for f in a.w]
+            ws, heat = torch.cat([w for w, _ in loaded]), ({k: torch.cat([h[k] for _, h in loaded]) for k in loaded[0][1]}
+                                                            if G.uses_heatmaps else None)
+            z, c = None, None
+        else:
+            z, heat = seed_latents(G, seeds, dev)
+            ws, c = None, label(len(seeds))
+        if not tools:
+            rows.append(torch.cat(list(sample(G, z=z, ws=ws, heatmaps=heat, c=c, batch=a.batch, **trunc))))
     if a.move or a.heatmap_centers:
         if not G.uses_heatmaps:
             raise SystemExit('error: this generator has no heatmap input: train with --sel norm to edit by heatmaps')
@@ -1513,17 +1838,76 @@ def main(argv=None):
         cols = []
         for t in torch.linspace(0, 1, a.steps if a.move else 1).tolist():
             h = G.spatial.render(G.spatial.shift(centers, t * dx, t * dy), heat.get('widths'))
-            cols.append(to_uint8(G(z, heatmaps=h, **kw)))
+            cols.append(torch.cat(list(sample(G, z=z, heatmaps=h, c=c, batch=a.batch, **trunc))))
         imgs = torch.stack(cols, 1).flatten(0, 1)  # rows: seeds, columns: heatmap positions
-        data.save_grid(imgs, a.out, len(cols), a.zoom)
+        data.save_grid(imgs, out, len(cols), a.zoom)
     elif a.attn_maps:
-        data.save_grid(attention_maps(G, z, a.points, heat, kw.get('c')), a.out, min(len(seeds), 8), a.zoom)
+        data.save_grid(attention_maps(G, z, a.points, heat, c), out, min(len(seeds), 8), a.zoom)
+    elif a.outdir:
+        from PIL import Image
+        os.makedirs(a.outdir, exist_ok=True)
+        done, progress = 0, lambda i, n: print(f'\r{i}/{n} images', end='', flush=True)
+        for chunk in sample(G, z=z, heatmaps=heat, c=c, batch=a.batch, progress=progress, **trunc):
+            for img in chunk.permute(0, 2, 3, 1).numpy():  # [R, R, 3] each
+                Image.fromarray(img).save(os.path.join(a.outdir, f'seed{seeds[done]:06d}.png'))
+                done += 1
+        print()
+        out = f'{done} PNGs to {a.outdir}'
+    elif a.interp:
+        if a.w or a.space == 'w':
+            need_w(G, '--space w')
+            frames = interpolate(G, ws=ws if a.w else G.map(z, a.trunc, a.trunc_cutoff, heatmaps=heat, c=c), heatmaps=heat,
+                                 frames=a.frames, loop=a.loop, batch=a.batch)
+        else:
+            frames = interpolate(G, z=z, heatmaps=heat, c=c, frames=a.frames, loop=a.loop, batch=a.batch, **trunc)
+        write_video(frames, out, a.fps, a.zoom)
+        out = f'{out} ({frames.shape[0]} frames)'
+    elif a.style_mix:
+        need_w(G, '--style-mix')
+        layers = a.mix_layers or list(range(G.num_ws // 2))
+        if max(layers) >= G.num_ws:
+            raise SystemExit(f'error: --mix-layers: this network has the ws 0-{G.num_ws - 1}')
+        row_ws = ws if a.w else G.map(z, a.trunc, a.trunc_cutoff, heatmaps=heat, c=c)  # [R, L, C]
+        cz, ch = seed_latents(G, a.style_mix, dev)
+        col_ws = G.map(cz, a.trunc, a.trunc_cutoff, heatmaps=ch, c=label(len(a.style_mix)))  # [K, L, C]
+        R, K = row_ws.shape[0], col_ws.shape[0]
+        img = lambda w, h: torch.cat(list(sample(G, ws=w, heatmaps=h, batch=a.batch)))
+        cells = img(style_mix(row_ws, col_ws, layers), heat and {k: v.repeat_interleave(K, 0) for k, v in heat.items()})
+        grid = torch.zeros(R + 1, K + 1, *cells.shape[1:], dtype=torch.uint8)  # the corner stays black
+        grid[0, 1:], grid[1:, 0], grid[1:, 1:] = img(col_ws, ch), img(row_ws, heat), cells.view(R, K, *cells.shape[1:])
+        data.save_grid(grid.flatten(0, 1), out, K + 1, a.zoom)
+    elif a.trunc_sweep:
+        need_w(G, '--trunc-sweep')
+        P = len(a.trunc_sweep)
+        sweep = torch.stack([G.map(z, psi, a.trunc_cutoff, heatmaps=heat, c=c) for psi in a.trunc_sweep], 1)  # [N, P, L, C]
+        h = heat and {k: v.repeat_interleave(P, 0) for k, v in heat.items()}
+        data.save_grid(torch.cat(list(sample(G, ws=sweep.flatten(0, 1), heatmaps=h, batch=a.batch))), out, P, a.zoom)
+    elif a.heatmap_walk:
+        frames = heatmap_walk(G, z, heat, c, frames=a.frames, batch=a.batch, **trunc)
+        write_video(frames, out, a.fps, a.zoom)
+    elif a.project:
+        need_w(G, '--project')
+        target = read_target(a.project, G.img_resolution, dev)
+        h1, c1 = heat and {k: v[:1] for k, v in heat.items()}, label(1)  # EqGAN-SA: the first seed's heatmaps
+        D = nets['D']
+        features = d_features(D, c1, target if D.needs_ref else None) if a.distance == 'd' else pixel_features
+        ws, noise, history, dists = project(G, target, features, a.project_steps, a.w_plus, a.seed, h1, c1, log=print)
+        proj = torch.cat(list(sample(G, ws=ws, heatmaps=h1, noise=noise)))
+        data.save_grid(torch.cat([to_uint8(target), proj]), out, 2, a.zoom)
+        npz = os.path.splitext(out)[0] + '.npz'
+        save_latents(npz, ws, h1)
+        if a.video:  # at most 100 frames: target | projection at that step (with the final noise maps)
+            idx = torch.linspace(0, len(history) - 1, min(len(history), 100)).round().long()
+            hv = h1 and {k: v.expand(len(idx), *v.shape[1:]) for k, v in h1.items()}
+            steps = torch.cat(list(sample(G, ws=history[idx], heatmaps=hv, noise=noise, batch=a.batch)))
+            write_video(torch.cat([to_uint8(target).expand_as(steps), steps], 3), a.video, a.fps, a.zoom)
+        out = f'{out} and {npz}' + (f' and {a.video}' if a.video else '') + f' (distance {dists[0]:.4f} -> {dists[-1]:.4f})'
     elif len({r.shape[-1] for r in rows}) > 1:
         raise SystemExit('error: these checkpoints make images of different sizes; compare runs of one --resolution')
     else:  # one checkpoint: rows of 8; several: one row each
-        data.save_grid(torch.cat(rows), a.out, min(len(seeds), 8) if len(rows) == 1 else len(seeds), a.zoom)
-    print(f'wrote {a.out}')
-
+        n = rows[0].shape[0]
+        data.save_grid(torch.cat(rows), out, min(n, 8) if len(rows) == 1 else n, a.zoom)
+    print(f'wrote {out}')
 
 if __name__ == '__main__':
     try:

@@ -4916,3 +4916,227 @@ def test_evaluation_in_the_loop_leaves_spectral_norm_and_training_unchanged(tmp_
     for net in ('G', 'D'):
         for k, v in plain[net].items():
             assert torch.equal(v, ck[net][k]), (net, k)
+
+
+# ==============================================================================================
+# model.py's tools for a trained G: projection, latent walks, figures, image folders; train.py --tensorboard
+
+def tiny_ckpt(tmp_path, name='tiny.pt', **kw):
+    G, D = tiny(**kw)
+    path = str(tmp_path / name)
+    torch.save(dict(G=G.state_dict(), D=D.state_dict(), G_ema=G.state_dict(), args={**TINY, **kw}, step=0, nimg=0), path)
+    return path, model.load_checkpoint(path)['G_ema']
+
+
+def same_image(a, b):  # uint8 images; conv kernels may round differently for another batch size: 1 level
+    return a.shape == b.shape and (a.int() - b.int()).abs().max().item() <= 1
+
+
+def png(path):
+    return torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)  # [3, H, W] uint8
+
+
+def test_projector_recovers_the_w_of_a_generated_target_and_is_deterministic():
+    """A target made by G from a known w: the distance falls by a large factor, the image comes close and
+    w moves most of the way from w_avg to the true w; the same seed gives the same result, another seed another."""
+    G, _ = tiny()
+    G.eval().requires_grad_(False)
+    with torch.no_grad():
+        w_true = G.map(torch.randn(1, 32, generator=torch.Generator().manual_seed(5)))  # [1, L, C]
+        target = G.synthesize(w_true, noise_mode='const')
+    ws, noise, history, dists = model.project(G, target, model.pixel_features, steps=100, w_samples=500)
+    assert ws.shape == (1, G.num_ws, 32) and history.shape == (100, G.num_ws, 32) and torch.equal(ws[0], history[-1])
+    assert len(noise) == len(G.noise_res) and all(n.shape[-1] == r for n, r in zip(noise, G.noise_res))
+    assert dists[-1] < dists[0] / 20
+    with torch.no_grad():
+        start, img = G.synthesize(history[:1], noise=noise), G.synthesize(ws, noise=noise)
+    assert (img - target).abs().mean() < (start - target).abs().mean() / 3
+    assert (ws - w_true).norm() < 0.75 * (history[0] - w_true).norm()
+    assert torch.equal(ws[0, 0], ws[0, -1])  # W: one w for every layer
+    run = lambda seed, w_plus=False: model.project(G, target, model.pixel_features, steps=5, seed=seed, w_samples=100,
+                                                   w_plus=w_plus)[0]
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+    assert not torch.equal(run(0, True)[0, 0], run(0, True)[0, -1])  # W+: one per layer
+
+
+def test_projector_pieces_by_hand():
+    """The noise regulariser is the sum of squared one-pixel autocorrelations over the pyramid down to
+    8x8; the feature distance sums channels and averages positions; pixel features stop at 8x8."""
+    n = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    want = 0
+    for m in (n, F.avg_pool2d(n, 2)):
+        want += (m * torch.cat([m[..., -1:], m[..., :-1]], 3)).mean() ** 2 + (m * torch.cat([m[..., -1:, :], m[..., :-1, :]], 2)).mean() ** 2
+    assert model.noise_regularizer([n]).item() == pytest.approx(want.item(), rel=1e-6)
+    a, b = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    assert model.feature_distance([a, a], [b, a]).item() == pytest.approx(((a - b) ** 2).sum().item() / 16, rel=1e-6)
+    assert [f.shape[-1] for f in model.pixel_features(torch.zeros(1, 3, 32, 32))] == [32, 16, 8]
+    z = F.normalize(torch.randn(2, 8), dim=1)
+    mid = model.slerp(z[:1], z[1:], torch.tensor([[0.5]]))  # unit vectors: the midpoint of the arc
+    assert torch.allclose(mid, F.normalize(z[:1] + z[1:], dim=1), atol=1e-6)
+
+
+@pytest.mark.parametrize('sel', ['none', 'norm'])
+def test_interpolation_endpoints_frame_count_and_gif(tmp_path, sel):
+    """Z (slerp) and W (lerp) walks start and end exactly on the sources' own images (truncated, and with
+    their heatmaps for EqGAN-SA), with (K - 1) F + 1 frames, K F with --loop; the GIF holds them."""
+    path, G = tiny_ckpt(tmp_path, sel=sel)
+    z, heat = model.seed_latents(G, [3, 7, 9], 'cpu')
+    own = torch.cat(list(model.sample(G, z=z, heatmaps=heat, psi=0.7)))  # [3, 3, 16, 16] the seeds' images
+    ws = G.map(z, 0.7, heatmaps=heat)
+    for frames in (model.interpolate(G, z=z[:2], heatmaps=heat and {k: v[:2] for k, v in heat.items()}, psi=0.7, frames=4),
+                   model.interpolate(G, ws=ws[:2], heatmaps=heat and {k: v[:2] for k, v in heat.items()}, frames=4)):
+        assert frames.shape == (5, 3, 16, 16) and same_image(frames[0], own[0]) and same_image(frames[-1], own[1])
+        assert not same_image(frames[2], own[0]) and not same_image(frames[2], own[1])
+    looped = model.interpolate(G, z=z, heatmaps=heat, psi=0.7, frames=4, loop=True)
+    assert looped.shape[0] == 12 and all(same_image(looped[4 * i], own[i]) for i in range(3))
+    t = torch.tensor([[0.0], [1.0]])  # the latents at the ends are the sources' own, bit for bit
+    assert torch.equal(model.slerp(z[:1].expand(2, -1), z[1:2].expand(2, -1), t), z[:2])
+    assert torch.equal(ws[:1].expand(2, -1, -1).lerp(ws[1:2].expand(2, -1, -1), t.view(2, 1, 1)), ws[:2])
+    model.main([path, '--seeds', '3,7,9', '--trunc', '0.7', '--interp', '--frames', '4', '--out', str(tmp_path / 'i.gif')])
+    gif = Image.open(tmp_path / 'i.gif')
+    assert gif.n_frames == 9 and gif.size == (16, 16)
+    first = torch.from_numpy(np.array(gif.convert('RGB'))).permute(2, 0, 1).int()
+    assert (first - own[0].int()).abs().float().mean() < 8  # a 256-colour palette: close, not exact
+    with pytest.raises(ValueError, match='needs imageio-ffmpeg'):
+        sys.modules['imageio_ffmpeg'] = None  # as if it were not installed
+        try:
+            model.write_video(own, str(tmp_path / 'i.mp4'))
+        finally:
+            del sys.modules['imageio_ffmpeg']
+    assert not os.path.exists(tmp_path / 'i.mp4')
+
+
+def test_style_mixing_grid_and_truncation_sweep_equal_g_by_hand(tmp_path):
+    """Cell (r, k) of the style-mixing grid is G with row r's ws and column k's ws at --mix-layers; the
+    first row and column are the sources; the truncation sweep's column p is G(z, psi_p)."""
+    path, G = tiny_ckpt(tmp_path)
+    model.main([path, '--seeds', '0,1', '--style-mix', '5-7', '--mix-layers', '1-2', '--out', str(tmp_path / 'm.png')])
+    grid = png(tmp_path / 'm.png').view(3, 3, 16, 4, 16).permute(1, 3, 0, 2, 4)  # [rows, cols, 3, 16, 16]
+    rows, cols = G.map(model.seed_latents(G, [0, 1], 'cpu')[0]), G.map(model.seed_latents(G, [5, 6, 7], 'cpu')[0])
+    assert torch.equal(grid[0, 0], torch.zeros(3, 16, 16, dtype=torch.uint8))
+    for r in range(2):
+        assert same_image(grid[r + 1, 0], model.to_uint8(G.synthesize(rows[r:r + 1], noise_mode='const'))[0])
+        for k in range(3):
+            w = torch.cat([rows[r, :1], cols[k, 1:3], rows[r, 3:]])[None]  # by hand: ws 1 and 2 from the column
+            assert same_image(grid[r + 1, k + 1], model.to_uint8(G.synthesize(w, noise_mode='const'))[0]), (r, k)
+            assert not same_image(grid[r + 1, k + 1], grid[r + 1, 0]) and not same_image(grid[r + 1, k + 1], grid[0, k + 1])
+    assert same_image(grid[0, 1], model.to_uint8(G.synthesize(cols[:1], noise_mode='const'))[0])
+    model.main([path, '--seeds', '2,4', '--trunc-sweep', '1,0.5,0', '--out', str(tmp_path / 't.png')])
+    sweep = png(tmp_path / 't.png').view(3, 2, 16, 3, 16).permute(1, 3, 0, 2, 4)  # [seeds, psis, 3, 16, 16]
+    z = model.seed_latents(G, [2, 4], 'cpu')[0]
+    for p, psi in enumerate((1, 0.5, 0)):
+        assert same_image(sweep[:, p], model.to_uint8(G(z, psi=psi, noise_mode='const')))
+    assert same_image(sweep[0, 2], sweep[1, 2])  # psi 0: both are w_avg's image
+
+
+def test_outdir_writes_one_png_per_seed_and_heatmap_walk(tmp_path, capsys):
+    """--outdir: one PNG per seed, named by it, equal to that seed's grid image, in batches with a progress
+    line; --heatmap-walk: a GIF of the seeds side by side, one turn of the heatmap centre."""
+    path, _ = tiny_ckpt(tmp_path, sel='norm')
+    ck = torch.load(path, weights_only=True)
+    G = tiny(sel='norm')[0]
+    set_alpha(G, 1.0)  # SEL starts as the identity: give the heatmaps a say
+    torch.save({**ck, 'G_ema': G.state_dict()}, path)
+    G = model.load_checkpoint(path)['G_ema']
+    model.main([path, '--seeds', '3-7,20', '--outdir', str(tmp_path / 'd'), '--batch', '4'])
+    assert sorted(os.listdir(tmp_path / 'd')) == [f'seed{s:06d}.png' for s in (3, 4, 5, 6, 7, 20)]
+    assert '4/6 images' in capsys.readouterr().out
+    z, heat = model.seed_latents(G, [20], 'cpu')
+    assert same_image(png(tmp_path / 'd' / 'seed000020.png'), model.to_uint8(G(z, heatmaps=heat, noise_mode='const'))[0])
+    z, heat = model.seed_latents(G, [1, 2], 'cpu')
+    frames = model.heatmap_walk(G, z, heat, frames=4)
+    assert frames.shape == (4, 3, 16, 32) and not same_image(frames[0], frames[2])
+    h = G.spatial.render(G.spatial.shift(heat['centers'], 0.5 - heat['centers'][:, 0, 0], 0.8 - heat['centers'][:, 0, 1]))
+    assert same_image(frames[1, :, :, 16:], model.to_uint8(G(z, heatmaps=h, noise_mode='const'))[1])  # a quarter turn: below the centre
+    model.main([path, '--seeds', '1,2', '--heatmap-walk', '--frames', '4', '--out', str(tmp_path / 'h.gif')])
+    assert Image.open(tmp_path / 'h.gif').n_frames == 4 and Image.open(tmp_path / 'h.gif').size == (32, 16)
+
+
+def test_projection_cli_feeds_w_and_refuses_bad_input(tmp_path, capsys):
+    """--project writes target | projection and an .npz that --w reads back (a grid, a W walk whose ends
+    are the latents' images); bad targets, foreign or pickled latent files, and W tools on an SN
+    generator each get one line, and nothing in a file runs."""
+    path, G = tiny_ckpt(tmp_path)
+    target = model.to_uint8(G(model.seed_latents(G, [4], 'cpu')[0], noise_mode='const'))[0]
+    Image.fromarray(target.permute(1, 2, 0).numpy()).save(tmp_path / 't.png')
+    for seed, name in ((0, 'p'), (1, 'q')):
+        model.main([path, '--project', str(tmp_path / 't.png'), '--project-steps', '30', '--distance', 'pixels',
+                    '--seed', str(seed), '--out', str(tmp_path / f'{name}.png'), '--video', str(tmp_path / f'{name}.gif')])
+    assert 'distance' in capsys.readouterr().out
+    assert torch.equal(png(tmp_path / 'p.png')[:, :, :16], target) and Image.open(tmp_path / 'p.gif').size == (32, 16)
+    ws, heat = model.load_latents(str(tmp_path / 'p.npz'), G, 'cpu')
+    assert ws.shape == (1, G.num_ws, 32) and heat is None
+    model.main([path, '--w', str(tmp_path / 'p.npz'), str(tmp_path / 'q.npz'), '--out', str(tmp_path / 'g.png')])
+    own = png(tmp_path / 'g.png').view(3, 16, 2, 16).permute(2, 0, 1, 3)  # [2, 3, 16, 16]
+    both = torch.cat([ws, model.load_latents(str(tmp_path / 'q.npz'), G, 'cpu')[0]])
+    assert same_image(own, model.to_uint8(G.synthesize(both, noise_mode='const')))
+    walk = model.interpolate(G, ws=both, frames=3)
+    assert same_image(walk[0], own[0]) and same_image(walk[-1], own[1])
+    # bad input: one line each
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / 'gray.png')
+    Image.fromarray(np.zeros((32, 16, 3), np.uint8)).save(tmp_path / 'big.png')
+    other, _ = tiny_ckpt(tmp_path, 'other.pt', w_dim=16)
+    np.savez(tmp_path / 'evil.npz', w=np.array([Evil(str(tmp_path / 'ran'))], dtype=object))
+    sn = tiny_ckpt(tmp_path, 'sn.pt', arch='sndcgan', channel_base=64, channel_max=16)[0]
+    r = subprocess.run([sys.executable, 'model.py', path, '--w', str(tmp_path / 'evil.npz')], cwd=HERE, capture_output=True,
+                       text=True, timeout=300)  # once through the real command line: exit 1, one line
+    assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'pickled objects are refused' in r.stderr, r.stderr
+    for argv, needle in [(['--project', str(tmp_path / 'gray.png')], 'a 16x16 L image; this network makes 16x16 RGB'),
+                         (['--project', str(tmp_path / 'big.png')], 'a 16x32 RGB image'),
+                         (['--project', str(tmp_path / 'p.npz')], 'cannot read'),
+                         (['--w', str(tmp_path / 'evil.npz')], 'pickled objects are refused'),
+                         (['--w', str(tmp_path / 't.png')], 'as an .npz of numbers'),
+                         (['--w', str(tmp_path / 'p.npz'), '--outdir', str(tmp_path / 'x')], '--w feeds'),
+                         (['--interp', '--out', str(tmp_path / 'i.png')], 'written as .gif or .mp4'),
+                         (['--seeds', '1', '--interp', '--out', str(tmp_path / 'i.gif')], 'at least two sources')]:
+        with pytest.raises((ValueError, SystemExit), match=re.escape(needle)):
+            model.main([path, *argv])
+    with pytest.raises(ValueError, match=r'holds w of shape \[1, 6, 32\] .* takes finite \[N, 6, 16\]: a latent of another network'):
+        model.main([other, '--w', str(tmp_path / 'p.npz')])
+    for argv in (['--project', str(tmp_path / 't.png')], ['--style-mix', '1'], ['--seeds', '1,2', '--interp', '--space', 'w',
+                                                                               '--out', str(tmp_path / 'sn.gif')]):
+        with pytest.raises(ValueError, match='needs a W space .* an --arch sndcgan generator has only Z'):
+            model.main([sn, *argv])
+    model.main([sn, '--seeds', '1,2', '--interp', '--frames', '2', '--out', str(tmp_path / 'sn.gif')])  # Z walks work
+    assert Image.open(tmp_path / 'sn.gif').n_frames == 3 and not os.path.exists(tmp_path / 'ran')
+
+
+class Evil:  # a pickled object that would create a file if unpickled
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, 'w'))
+
+
+def test_official_pickle_through_the_tools(tmp_path):
+    """The W tools on an official stylegan2-ada pickle (read safely): style mixing, a W walk, a short
+    projection with its own D's features."""
+    path, _ = official('sg2ada-32')
+    model.main([path, '--seeds', '0,1', '--style-mix', '2', '--out', str(tmp_path / 'm.png')])
+    assert Image.open(tmp_path / 'm.png').size == (2 * 32, 3 * 32)
+    model.main([path, '--seeds', '0,1', '--interp', '--space', 'w', '--frames', '2', '--out', str(tmp_path / 'w.gif')])
+    model.main([path, '--seeds', '3', '--out', str(tmp_path / 't.png')])
+    model.main([path, '--project', str(tmp_path / 't.png'), '--project-steps', '3', '--distance', 'd', '--out', str(tmp_path / 'p.png')])
+    assert model.load_latents(str(tmp_path / 'p.npz'), model.load_checkpoint(path)['G_ema'], 'cpu')[0].shape[0] == 1
+
+
+def test_tensorboard_events_read_back(tmp_path, capsys, monkeypatch):
+    """--tensorboard: the log line's scalars, the metrics and the grids read back with tensorboard's own
+    reader, at x = images seen; without the package: one line naming pip install tensorboard."""
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = run_train(tmp_path, '--kimg', '0.016', '--snap-kimg', '0.016', '--metrics', 'di', '--num-gen', '16',
+                    '--tensorboard', name='tb')
+    acc = EventAccumulator(out)
+    acc.Reload()
+    tags = acc.Tags()
+    assert {'G/loss', 'D/loss', 'img_per_sec', 'metrics/di'} <= set(tags['scalars']) and tags['images'] == ['fakes']
+    log = [json.loads(line) for line in open(f'{out}/log.jsonl')]
+    last = [r for r in log if 'G/loss' in r][-1]
+    ev = acc.Scalars('G/loss')[-1]
+    assert ev.step == 16 and ev.value == pytest.approx(last['G/loss'], rel=1e-3)  # the log keeps 4 significant digits
+    assert acc.Scalars('metrics/di')[-1].value == pytest.approx([r for r in log if 'metrics' in r][-1]['metrics']['di'], rel=1e-6)
+    assert not glob.glob(f'{run_train(tmp_path, "--kimg", "0.008", name="plain")}/events.*')  # nothing without the flag
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # as if tensorboard were not installed
+    expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'no'), '--tensorboard'], 'pip install tensorboard')

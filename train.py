@@ -173,6 +173,8 @@ def make_parser():
     a('--metrics-kimg', type=float, help='kimg between metric evaluations (cpu: 5; others: every snapshot)')
     a('--num-gen', type=int, help='override the number of generated images of every metric')
     a('--fid-weights', help='path of the pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth)')
+    a('--tensorboard', action='store_true', help='also write the log lines, metrics and image grids as TensorBoard events '
+                                                  'in --out (x axis: images seen; needs: pip install tensorboard)')
     return p
 
 
@@ -878,6 +880,8 @@ def train(args, rank, world, device, init=None):
         if logf:
             logf.write(json.dumps(dict(kimg=round(nimg / 1000, 3), step=step, metrics=res, seconds=round(seconds, 1))) + '\n')
             logf.flush()
+        if tb:
+            tb_scalars(tb, {'metrics': res}, nimg)
         print0(f'metrics at kimg {nimg / 1000:.2f} ({seconds:.1f} s): {json.dumps(res)}', rank=rank)
         return seconds
 
@@ -885,6 +889,7 @@ def train(args, rank, world, device, init=None):
     log_path = os.path.join(args.out, 'log.jsonl')
     logged = trim_log(log_path, step) if rank == 0 else []
     logf = open(log_path, 'a') if rank == 0 else None
+    tb = tensorboard_writer(args, rank)
     # The checkpoint is written before its step's metrics: a run stopped while evaluating them
     # evaluates them first when it resumes.
     if step > 0 and metrics_due() and agree(not any('metrics' in r and r['step'] == step for r in logged))[0]:
@@ -910,12 +915,16 @@ def train(args, rank, world, device, init=None):
         if logf:
             logf.write(json.dumps(line) + '\n')
             logf.flush()
+        if tb:
+            tb_scalars(tb, {k: v for k, v in line.items() if k not in ('kimg', 'step')}, nimg)
         stats.clear()
         extremes.clear()
 
     def save():  # image grid and checkpoint of this step
         snapshot(args, rank, world, device, step, nimg, finite(), G_ema, lambda: checkpoint(step, nimg),
                  *((grid_z, grid_h, grid_c) if rank == 0 else (None, None, None)))
+        if tb:  # the grid snapshot() just wrote
+            tb_image(tb, os.path.join(args.out, f'fakes-{step:07d}.png'), nimg)
 
     t_log = t_start = time.time()
     n_log, saved, window = nimg, step, []
@@ -977,6 +986,38 @@ def reduced_stats(stats, extremes, world):
             dist.all_reduce(v, op=dist.ReduceOp.MIN if k.endswith('_min') else dist.ReduceOp.MAX)
     vals = {k: s / (stats[k][1] * world) for k, s in zip(keys, sums.tolist())}
     return {**vals, **{k: v.item() for k, v in extremes.items()}}
+
+
+def tensorboard_writer(args, rank):
+    """--tensorboard: a SummaryWriter on --out for rank 0 (None elsewhere, and without the flag). The package
+    is imported only here, and on every rank: a missing one stops all processes with the same line."""
+    if not args.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard (or drop --tensorboard)') from None
+    return SummaryWriter(args.out) if rank == 0 else None
+
+
+def tb_scalars(tb, values, nimg, prefix=''):
+    """The numbers of a log.jsonl record as TensorBoard scalars at x = images seen; nested dicts (the
+    metrics) become 'metrics/fid50k_full', ..."""
+    for k, v in values.items():
+        if isinstance(v, dict):
+            tb_scalars(tb, v, nimg, f'{prefix}{k}/')
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            tb.add_scalar(prefix + k, v, nimg)
+    tb.flush()
+
+
+def tb_image(tb, path, nimg):
+    """A PNG grid as a TensorBoard image at x = images seen."""
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as im:
+        tb.add_image('fakes', np.asarray(im.convert('RGB')), nimg, dataformats='HWC')
+    tb.flush()
 
 
 def trim_log(path, step):
