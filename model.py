@@ -1571,7 +1571,8 @@ def heatmap_walk(G, z, heatmaps, c=None, psi=1.0, cutoff=None, frames=30, radius
     n, angle = z.shape[0], torch.arange(frames, device=z.device) * (2 * math.pi / frames)
     x, y = (0.5 + radius * angle.cos()).repeat_interleave(n), (0.5 + radius * angle.sin()).repeat_interleave(n)  # [T N]
     centers = heatmaps['centers'].repeat(frames, 1, 1)  # [T N, K, 2]
-    h = G.spatial.render(G.spatial.shift(centers, x - centers[:, 0, 0], y - centers[:, 0, 1]))
+    widths = heatmaps['widths'].repeat(frames, 1) if 'widths' in heatmaps else None  # [T N, K]: the authors' sampler
+    h = G.spatial.render(G.spatial.shift(centers, x - centers[:, 0, 0], y - centers[:, 0, 1]), widths)
     imgs = torch.cat(list(sample(G, z=z.repeat(frames, 1), heatmaps=h, c=None if c is None else c.repeat(frames, 1),
                                  psi=psi, cutoff=cutoff, batch=batch)))  # [T N, 3, R, R]
     return imgs.view(frames, n, *imgs.shape[1:]).permute(0, 2, 3, 1, 4).flatten(3)  # [T, 3, R, N R]

@@ -5050,6 +5050,12 @@ def test_outdir_writes_one_png_per_seed_and_heatmap_walk(tmp_path, capsys):
     assert same_image(frames[1, :, :, 16:], model.to_uint8(G(z, heatmaps=h, noise_mode='const'))[1])  # a quarter turn: below the centre
     model.main([path, '--seeds', '1,2', '--heatmap-walk', '--frames', '4', '--out', str(tmp_path / 'h.gif')])
     assert Image.open(tmp_path / 'h.gif').n_frames == 4 and Image.open(tmp_path / 'h.gif').size == (32, 16)
+    G = tiny(sel='norm', heatmap='official', eqgan='official')[0].eval()  # the authors' sampler: a width per blob
+    z, heat = model.seed_latents(G, [1, 2], 'cpu')
+    frames = model.heatmap_walk(G, z, heat, frames=4)
+    h = G.spatial.render(G.spatial.shift(heat['centers'], 0.5 - heat['centers'][:, 0, 0], 0.8 - heat['centers'][:, 0, 1]),
+                         heat['widths'])
+    assert same_image(frames[1, :, :, 16:], model.to_uint8(G(z, heatmaps=h, noise_mode='const'))[1])
 
 
 def test_projection_cli_feeds_w_and_refuses_bad_input(tmp_path, capsys):
