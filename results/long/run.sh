@@ -14,12 +14,13 @@
 #
 # A run is pending while its summary is missing or holds fewer than KIMG kimg. COMMIT=0: no commits;
 # RUNS_DIR, RESULTS: other folders for the checkpoints and the summaries (e.g. to try the script on a tiny
-# setting: PROFILE=gpu DEVICE=cpu KIMG=0.1 COMMIT=0 RUNS_DIR=/tmp/r RESULTS=/tmp/s bash results/long/run.sh).
+# setting: PROFILE=gpu DEVICE=cpu KIMG=0.1 FINAL=swd2k COMMIT=0 RUNS_DIR=/tmp/r RESULTS=/tmp/s bash results/long/run.sh).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 KIMG=${KIMG:-500}
 NICE=${NICE:-0}
 COMMIT=${COMMIT:-1}
+FINAL=${FINAL:-swd10k}   # the final score of each run
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # CPU: the quick preset's SN-DCGAN with its EMA generator at batch 32, the lr constant (so that a run
@@ -72,11 +73,11 @@ one() {  # one run to KIMG, then its summary
   mkdir -p $RESULTS
   # the final score: SWD on 10k generated vs 10k real images (a 2k SWD's own noise is measured in results/README.md)
   local ckpt=$(ls $RUNS_DIR/$name/ckpt-*.pt | tail -1)
-  nice -n "$NICE" python metrics.py $ckpt --metrics swd10k --seed 1 ${DEVICE:+--device $DEVICE} > $RUNS_DIR/$name/final.json || return 1
+  nice -n "$NICE" python metrics.py $ckpt --metrics $FINAL --seed 1 ${DEVICE:+--device $DEVICE} > $RUNS_DIR/$name/final.json || return 1
   python metrics.py --summary $RUNS_DIR/$name/log.jsonl | python -c "import json, sys
 s = json.load(sys.stdin); f = json.load(open(sys.argv[1]))
-s['final'].update({'swd10k/' + k: v for k, v in f['swd10k'].items()})
-print(json.dumps(s))" $RUNS_DIR/$name/final.json > $RESULTS/$name.json.tmp && mv $RESULTS/$name.json.tmp $RESULTS/$name.json
+s['final'].update({sys.argv[2] + '/' + k: v for k, v in f[sys.argv[2]].items()})
+print(json.dumps(s))" $RUNS_DIR/$name/final.json $FINAL > $RESULTS/$name.json.tmp && mv $RESULTS/$name.json.tmp $RESULTS/$name.json
   commit $RESULTS/$name.json "Long reproduction run $name reached $KIMG kimg: its summary"
   echo "$(date '+%F %T') done $name" >&2
 }
