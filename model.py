@@ -339,7 +339,8 @@ class SynthesisBlock(nn.Module):
         if self.sel is not None:
             rgb_in = self.sel[1](x, hfeats[self.res])
             x = x if self.local_rgb else rgb_in
-        y = self.torgb(rgb_in, ws[:, self.num_conv], fused, h=hfeats.get(self.res)).float()  # [B, 3, res, res]
+        y = self.torgb(rgb_in, ws[:, self.num_conv], fused, h=hfeats.get(self.res))  # [B, 3, res, res]
+        y = y.to(torch.promote_types(y.dtype, torch.float32))  # fp32 (fp64 stays fp64)
         # the RGB skip sum in fp32 under mixed precision too (the official code): in bf16 the final
         # image would carry 8 mantissa bits summed over every resolution
         with torch.autocast(y.device.type, enabled=False):
