@@ -14,7 +14,8 @@
 #
 # A run is pending while its summary is missing or holds fewer than KIMG kimg. COMMIT=0: no commits;
 # RUNS_DIR, RESULTS: other folders for the checkpoints and the summaries (e.g. to try the script on a tiny
-# setting: PROFILE=gpu DEVICE=cpu KIMG=0.1 FINAL=swd2k COMMIT=0 RUNS_DIR=/tmp/r RESULTS=/tmp/s bash results/long/run.sh).
+# setting on a CPU: PROFILE=gpu DEVICE=cpu KIMG=0.1 FINAL=swd2k EXTRA='--amp none --metrics none' COMMIT=0
+# RUNS_DIR=/tmp/r RESULTS=/tmp/s bash results/long/run.sh sndcgan-contrastive-s0).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 KIMG=${KIMG:-500}
@@ -37,6 +38,7 @@ else
   BASE="--cfg quick $EVAL --workers 1 --log-sec 60"
   PREFIX=quick RUNS_DIR=${RUNS_DIR:-runs/long} RESULTS=${RESULTS:-results/long} JOBS=${JOBS:-2}
 fi
+BASE="$BASE ${EXTRA:-}"   # EXTRA: flags for every run (the last one given wins), e.g. EXTRA="--amp none --metrics none"
 declare -A ARM=(
   [$PREFIX-nonsat]=""                                            # (a) and (b): the baseline
   [$PREFIX-contrastive]="--loss contrastive --warmup-kimg 50"    # (a) supplement Table 1
