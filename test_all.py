@@ -2630,11 +2630,13 @@ def test_gradcam_under_fp16_goes_through_a_bf16_d_pass(tmp_path, monkeypatch):
     real_check = train.check_args
     monkeypatch.setattr(train, 'check_args', lambda args, world, device: real_check(args, world, torch.device('cuda')))
     seen = []
-    real_align = losses.align_loss
-    monkeypatch.setattr(losses, 'align_loss', lambda logits, maps, *a, **k: seen.append(
-        {m.dtype for m in maps.values()}) or real_align(logits, maps, *a, **k))
+    for name in ('align_loss', 'align_loss_official'):  # the paper's reading and the authors' (--eqgan)
+        real = getattr(losses, name)
+        monkeypatch.setattr(losses, name, lambda logits, maps, *a, real=real, name=name, **k: seen.append(
+            (name, {m.dtype for m in maps.values()})) or real(logits, maps, *a, **k))
     run_train(tmp_path, '--kimg', '0.008', '--amp', 'fp16', '--sel', 'norm')
-    assert seen == [{torch.bfloat16}]
+    run_train(tmp_path, '--kimg', '0.008', '--amp', 'fp16', '--sel', 'norm', '--eqgan', 'paper', name='paper')
+    assert seen == [('align_loss_official', {torch.bfloat16}), ('align_loss', {torch.bfloat16})]
 
 
 def test_training_step_maths_by_hand(tmp_path, monkeypatch):
