@@ -4399,7 +4399,9 @@ def test_backbones_ddp_two_processes_match_one(tmp_path, arch):
     torchrun(common + ['--out', str(tmp_path / 'ddp')], 2, tmp_path)
     train.main(common + ['--out', str(tmp_path / 'one')])
     a, b = load(glob.glob(f'{tmp_path}/ddp/ckpt-*.pt')[0]), load(glob.glob(f'{tmp_path}/one/ckpt-*.pt')[0])
-    assert_same_state(a, b, atol=1e-4)
+    # the authors' SEL ends in a conv bias that batch norm downstream cancels: its gradient is 0 up to rounding,
+    # which Adam turns into steps of +-lr (2e-4) either way; every other tensor must agree
+    assert_same_state(a, b, atol=1e-4, skip=[f'sel.{r}.output.1.bias' for r in (4, 8, 16)])
 
 
 def test_backbone_flags_that_cannot_apply_stop_with_one_line(tmp_path, capsys):
