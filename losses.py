@@ -194,14 +194,21 @@ def truncated_l1(err, tau=0.25, truncation='paper'):
     'paper': elements with |err| <= tau count as 0, the mean is over all elements (a dead zone: the
       plain reading; the loss stays on one scale whatever the number of misaligned elements);
     'official' (the authors' code): the mean over the elements with |err| > tau only, or over all
-      elements when fewer than two exceed tau (no host sync: torch.where)."""
+      elements when fewer than two exceed tau (no host sync: torch.where). Under DDP the counts span
+      all processes and each returns world x its share, so the averaged gradients are those of the
+      global batch's mean, as one process would take it (a per-process mean over a per-process count
+      would not be)."""
     e = err.abs()
     over = e > tau
     if truncation == 'paper':
         return torch.where(over, e, 0).mean()
     if truncation == 'official':
-        n = over.sum()
-        return torch.where(n >= 2, torch.where(over, e, 0).sum() / n.clamp(min=1), e.mean())
+        counts = torch.stack([over.sum().float(), torch.tensor(float(e.numel()), device=e.device)])  # [2]
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
+            dist.all_reduce(counts)
+        n, total = counts.unbind()
+        return world * torch.where(n >= 2, torch.where(over, e, 0).sum() / n.clamp(min=1), e.sum() / total)
     raise ValueError(f'unknown truncation {truncation!r}; choose one of {", ".join(TRUNCATIONS)}')
 
 
