@@ -1483,10 +1483,9 @@ def need_w(G, what):
 def save_latents(path, ws, heatmaps=None):
     """ws [N, num_ws, w_dim] as 'w' (the official projector's key) and, for EqGAN-SA generators, the
     heatmaps they were drawn with, in an .npz (numbers only: np.load needs no pickle to read it)."""
+    import data  # the command line's helpers: atomic_write
     arrays = {'w': ws.detach().cpu().numpy(), **{f'heatmap_{k}': v.cpu().numpy() for k, v in (heatmaps or {}).items()}}
-    with open(path + '.tmp', 'wb') as f:
-        np.savez(f, **arrays)
-    os.replace(path + '.tmp', path)
+    data.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_latents(path, G, device):
