@@ -3226,6 +3226,7 @@ def test_benchmark_mode_times_phases(tmp_path, capsys):
     line = json.loads([s for s in out.splitlines() if s.startswith('{')][-1])
     assert line['bench']['img_per_sec'] > 0 and set(line['bench']['phases_ms']) >= {'Gmain', 'Greg', 'Dmain', 'Dreg', 'ema'}
     assert line['bench']['loader_ms_per_step'] >= 0 and 'waiting for the loader (the built-in dataset, --workers 0' in out
+    assert 0 < line['bench']['cpu_ms_per_step'] and f"({line['bench']['cpu_ms_per_step']} ms of CPU time)" in out
     assert not os.path.exists(tmp_path / 'bench')  # the benchmark writes nothing
     steps = []
     args = types.SimpleNamespace(bench_steps=2, workers=0)

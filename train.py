@@ -1085,20 +1085,22 @@ def benchmark(args, train_step, loader, ref_loader, device, B, rank=0):
             sync()
             if device.type == 'cuda':
                 torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
         starts = train_step(i, real, ref)
         sync()
         if i >= 3:
             marks = sorted(starts.items(), key=lambda kv: kv[1]) + [('end', time.perf_counter())]
             for (name, t), (_, t_next) in zip(marks, marks[1:]):
                 per_phase.setdefault(name, []).append(t_next - t)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0  # CPU time: all threads of this process
     res = dict(img_per_sec=round(args.bench_steps * B / dt, 2), ms_per_step=round(1000 * dt / args.bench_steps, 1),
+               cpu_ms_per_step=round(1000 * cpu / args.bench_steps, 1),
                peak_mem_gb=round(peak_memory_gb(device), 3),
                phases_ms={k: round(1000 * sum(v) / len(v), 1) for k, v in per_phase.items()},
                phase_counts={k: len(v) for k, v in per_phase.items()},
                loader_ms_per_step=round(1000 * waited / max(1, args.bench_steps - 1), 2))
-    print0(f'bench: {res["img_per_sec"]} img/s, {res["ms_per_step"]} ms/step, peak {res["peak_mem_gb"]} GB; '
+    print0(f'bench: {res["img_per_sec"]} img/s, {res["ms_per_step"]} ms/step ({res["cpu_ms_per_step"]} ms of CPU time), '
+           f'peak {res["peak_mem_gb"]} GB; '
            f'ms per phase occurrence: {res["phases_ms"]} over {res["phase_counts"]} occurrences; img/s includes '
            f'{res["loader_ms_per_step"]} ms/step waiting for the loader (the built-in dataset, --workers {args.workers}; '
            f'--data is not read)', rank=rank)
