@@ -2113,6 +2113,9 @@ def test_swd_w1_and_per_channel_normalisation_by_hand():
         v /= np.linalg.norm(v, axis=0)
         w1.append(np.abs(np.sort(norm(da) @ v, 0) - np.sort(norm(db) @ v, 0)).mean())
     assert metrics.sliced_wasserstein(da, db, seed=seed, repeats=repeats, dirs=dirs)[0] == pytest.approx(np.mean(w1), rel=1e-4)
+    # in chunks of one image x 2 directions (what bounds the memory at 16k images): the same value
+    assert metrics.sliced_wasserstein(da, db, seed=seed, repeats=repeats, dirs=dirs, rows=2, cols=2)[0] == pytest.approx(
+        np.mean(w1), rel=1e-4)
 
 
 class PplStubG:  # w = z, image = w: the PPL tests plant the distances through their own distance function
