@@ -375,29 +375,48 @@ def swd_descriptors(images, seed, patches=128, size=7):
     return torch.stack(out, 1)
 
 
-def sliced_wasserstein(desc_a, desc_b, seed=0, repeats=4, dirs=128):
-    """Descriptors [N, levels, P, C, S] of two sets of N images -> SWD per level (list of floats; x 1e3 in reports)."""
+def sliced_wasserstein(desc_a, desc_b, seed=0, repeats=4, dirs=128, device=None, rows=16384, cols=32):
+    """Descriptors [N, levels, P, C, S] of two sets of N images -> SWD per level (list of floats; x 1e3 in reports).
+    Memory beyond the descriptors stays bounded, whatever N: each set is standardised and projected on `device`
+    (default: the descriptors') `rows` descriptors at a time, onto `cols` of the directions at a time, so that
+    only those columns' projections of all N P descriptors ([N P, cols] per set, what W1 sorts) exist at once."""
     assert desc_a.shape == desc_b.shape, 'SWD compares sets of equal size'
+    device = desc_a.device if device is None else torch.device(device)
     g, out = torch.Generator().manual_seed(seed), []
     for level in range(desc_a.shape[1]):
-        a, b = (_normalise(d[:, level]) for d in (desc_a, desc_b))  # [N * P, C * S]
-        dists = []
+        sets = [(d[:, level], *(t.to(device) for t in _channel_stats(d[:, level]))) for d in (desc_a, desc_b)]
+        total = torch.zeros([], dtype=torch.float64, device=device)  # of |sorted a - sorted b| over every direction
         for _ in range(repeats):
-            v = torch.randn(a.shape[1], dirs, generator=g).to(a)
+            v = torch.randn(desc_a[0, 0, 0].numel(), dirs, generator=g)
             v /= v.norm(dim=0)                                # unit directions [C * S, dirs]
-            dists.append((_sort0(a @ v) - _sort0(b @ v)).abs().mean())
-        out.append(torch.stack(dists).mean().item())
+            for j in range(0, dirs, cols):
+                a, b = (_sort0(_project(*s, v[:, j:j + cols].to(device), rows)) for s in sets)  # [N * P, cols] sorted
+                total += (a - b).abs_().sum(dtype=torch.float64)
+        out.append(total.item() / (repeats * dirs * desc_a.shape[0] * desc_a.shape[2]))  # the mean over N P x dirs x repeats
     return out
 
 
-def _sort0(x):  # sort along dim 0; on CPU numpy's SIMD sort is ~13x faster than torch's (SWD time is sorting)
-    return x.sort(0).values if x.device.type != 'cpu' else torch.from_numpy(np.sort(x.numpy(), axis=0))
+def _channel_stats(d):  # [N, P, C, S] -> mean and std [C, 1] per colour channel over descriptors and values (ddof 0)
+    # (each set normalised with its own statistics, as ProGAN's finalize_descriptors)
+    var, mean = torch.var_mean(d.float(), (0, 1, 3), correction=0)
+    return mean[:, None], var.sqrt()[:, None]
 
 
-def _normalise(d):  # [N, P, C, S] -> [N * P, C * S], zero mean and unit std per colour channel
-    d = d.flatten(0, 1).float()
-    mean, std = d.mean((0, 2), keepdim=True), d.std((0, 2), keepdim=True, unbiased=False)
-    return ((d - mean) / std).flatten(1)
+def _project(d, mean, std, v, rows):  # [N, P, C, S] standardised by mean, std [C, 1], times v [C * S, k] -> [N * P, k]
+    n, p = d.shape[:2]
+    out, step = v.new_empty(n * p, v.shape[1]), max(1, rows // p)  # images per chunk
+    for i in range(0, n, step):
+        x = d[i:i + step].to(v.device).float() - mean  # [step, P, C, S] (a new tensor: divided in place)
+        x /= std
+        torch.matmul(x.flatten(2).flatten(0, 1), v, out=out[i * p:(i + step) * p])
+    return out
+
+
+def _sort0(x):  # along dim 0; on CPU in place, where numpy's SIMD sort is ~13x faster than torch's (SWD time is sorting)
+    if x.device.type != 'cpu':
+        return x.sort(0).values
+    x.numpy().sort(axis=0)
+    return x
 
 # ----------------------------------------------------------------------------------------------
 # Discriminator-based metrics (from precomputed logits / features) and PPL.
@@ -542,18 +561,21 @@ def _sharded(n, batch, rank, world_size, produce, consumers, log, what):
     Chunks are full and each consumer runs on a multiple of world_size chunks (surplus dropped), so that all ranks
     gather equal shapes."""
     per_rank = {k: math.ceil(math.ceil(nk / batch) / world_size) for k, (nk, _) in consumers.items()}
-    steps, outs = max(per_rank.values(), default=0), {k: [] for k in consumers}
+    steps, outs = max(per_rank.values(), default=0), {}
     t0 = last = time.perf_counter()
     for i in range(steps):
         c = rank + i * world_size
         inp = produce(c)
         for k, (_, fn) in consumers.items():
             if i < per_rank[k]:
-                outs[k].append(fn(inp, c))
+                x = fn(inp, c)
+                if i == 0:  # filled in place: a list stacked at the end would hold the results twice
+                    outs[k] = x.new_empty([per_rank[k], *x.shape])  # [chunks, batch, ...]
+                outs[k][i] = x
         if time.perf_counter() - last > 5:  # in-loop metrics must not look like a hang
             done, last = (i + 1) * world_size * batch, time.perf_counter()
             log(f'{min(done, n)}/{n} {what}, {done / (last - t0):.0f}/s')
-    return {k: _gather(torch.stack(v), world_size)[:consumers[k][0]].cpu() for k, v in outs.items()}  # one sync each
+    return {k: _gather(v, world_size)[:consumers[k][0]].cpu() for k, v in outs.items()}  # one sync each
 
 
 def _inception_once(weights, device, rank, world_size):
@@ -677,7 +699,9 @@ def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_g
         for name, (kind, n, n_real) in specs.items():
             t = time.perf_counter()
             if kind in _SOURCE:                                # features of the n_real real and n generated images
-                r, f = real[_SOURCE[kind]][:n_real].to(device), fake[_SOURCE[kind]][:n].to(device)
+                r, f = real[_SOURCE[kind]][:n_real], fake[_SOURCE[kind]][:n]
+                if kind != 'swd':  # (SWD's descriptors stay on the host: it takes them to the device in chunks)
+                    r, f = r.to(device), f.to(device)
             if kind == 'fid':
                 v = frechet_distance(*feature_stats(r), *feature_stats(f))
             elif kind == 'kid':
@@ -685,7 +709,7 @@ def evaluate(names, G, D, dataset, device, rank=0, world_size=1, batch=64, num_g
             elif kind == 'pr':
                 v = dict(zip(('precision', 'recall'), precision_recall(r, f)))
             elif kind == 'swd':
-                levels = sliced_wasserstein(r, f, seed=seed)
+                levels = sliced_wasserstein(r, f, seed=seed, device=device)
                 v = {str(res): 1e3 * x for res, x in zip(swd_resolutions(dataset.resolution), levels)}
                 v['avg'] = sum(levels) * 1e3 / len(levels)
             elif kind == 'di':

@@ -2113,6 +2113,9 @@ def test_swd_w1_and_per_channel_normalisation_by_hand():
         v /= np.linalg.norm(v, axis=0)
         w1.append(np.abs(np.sort(norm(da) @ v, 0) - np.sort(norm(db) @ v, 0)).mean())
     assert metrics.sliced_wasserstein(da, db, seed=seed, repeats=repeats, dirs=dirs)[0] == pytest.approx(np.mean(w1), rel=1e-4)
+    # in chunks of one image x 2 directions (what bounds the memory at 16k images): the same value
+    assert metrics.sliced_wasserstein(da, db, seed=seed, repeats=repeats, dirs=dirs, rows=2, cols=2)[0] == pytest.approx(
+        np.mean(w1), rel=1e-4)
 
 
 class PplStubG:  # w = z, image = w: the PPL tests plant the distances through their own distance function
@@ -2456,6 +2459,90 @@ def test_phase_step_keeps_each_gradient_in_its_parameters_layout():
     for key, net in nets.items():
         for p, q in zip(net.parameters(), nets[torch.contiguous_format, False].parameters()):
             assert torch.allclose(p, q, atol=1e-6, rtol=0), key
+
+
+class _BucketNet(nn.Module):  # a BatchNorm whose backward all-reduces amid the buckets', a layer used twice, one unused
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin1, self.bn, self.unused, self.lin2 = nn.Linear(4, 8), model.BatchNorm(8), nn.Linear(3, 3), nn.Linear(8, 3)
+        self.extra = nn.Parameter(torch.zeros(5))  # gets its gradient only from a backward before phase_step's
+
+    def losses(self, x, rank):  # x: [b, 4] -> (loss of the backward before phase_step, phase_step's loss)
+        h = self.bn(self.lin1(x))
+        return ((self.extra * (rank + 1)).sum() + self.lin1(x).square().mean(),
+                (self.lin2(h) + self.lin2(h.tanh())).square().mean())
+
+
+def _bucket_worker(rank, world, init, out):
+    dist.init_process_group('gloo', init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    train.BUCKET_MB = 64 / 2 ** 20  # 16 floats: 7 buckets, unused's 2 parameters in the 3rd, BN's 2 in the 4th
+    x = torch.randn([6, 4], generator=torch.Generator().manual_seed(rank))
+    ref = _BucketNet()  # this rank's own gradients, to check each bucket left complete
+    sum(ref.losses(x, rank)).backward()
+    local = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in ref.parameters()])
+    sent, real = [], dist.all_reduce
+
+    def all_reduce(t, *a, async_op=False, **k):  # async: phase_step's buckets; None: the BatchNorm's all-reduces
+        sent.append((t.storage_offset(), t.numel(), t.clone()) if async_op else None)
+        return real(t, *a, async_op=async_op, **k)
+    dist.all_reduce = all_reduce
+    net = _BucketNet()
+    first, second = net.losses(x, rank)
+    first.backward()
+    norm = train.phase_step(net, torch.optim.SGD(net.parameters(), lr=0), torch.amp.GradScaler('cpu', enabled=False),
+                            second, world)
+    dist.all_reduce = real
+    torch.save(dict(grads=[p.grad for p in net.parameters()], norm=norm, local=local, sent=sent), f'{out}/{rank}.pt')
+    dist.destroy_process_group()
+
+
+def test_phase_step_bucketed_all_reduce_averages_every_gradient_once_and_complete(tmp_path):
+    """2 gloo processes, buckets of 16 floats: every gradient is the average over both processes of
+    the whole phase's gradient (one process with both halves of the batch computes it), a gradient
+    accumulated before phase_step's backward included, 0 for a parameter no backward reaches; each
+    bucket is sent once, in order, with its gradients complete (their final local values)."""
+    torch.multiprocessing.spawn(_bucket_worker, args=(2, f'file://{tmp_path}/store', str(tmp_path)), nprocs=2)
+    net = _BucketNet()
+    xs = [torch.randn([6, 4], generator=torch.Generator().manual_seed(r)) for r in range(2)]
+    h = net.bn(net.lin1(torch.cat(xs)))  # the global batch's statistics, as the 2 processes' BatchNorm
+    loss = 0
+    for r, (x, hr) in enumerate(zip(xs, h.chunk(2))):
+        loss = loss + ((net.extra * (r + 1)).sum() + net.lin1(x).square().mean()
+                       + (net.lin2(hr) + net.lin2(hr.tanh())).square().mean()) / 2
+    loss.backward()
+    want = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in net.named_parameters()}
+    assert want['extra'].tolist() == [1.5] * 5 and not want['unused.weight'].any()  # (1 + 2) / 2; 0
+    total = sum(p.numel() for p in net.parameters())
+    for rank in range(2):
+        res = torch.load(tmp_path / f'{rank}.pt')
+        for got, (k, w) in zip(res['grads'], want.items()):
+            assert torch.allclose(got, w, rtol=1e-5, atol=1e-6), k
+        assert torch.allclose(res['norm'], torch.cat([w.flatten() for w in want.values()]).norm(), rtol=1e-5)
+        events = res['sent']
+        # BatchNorm's forward all-reduce; in the backward lin2's 2 buckets leave before BatchNorm's all-reduce there
+        # (overlap), BN's bucket waits for unused's, which goes after the backward: the same order on every process
+        assert [e is None for e in events] == [True, False, False, True, False, False, False, False, False]
+        buckets = [e for e in events if e is not None]
+        starts = [o for o, _, _ in buckets]
+        assert len(starts) == 7 and starts == sorted(starts, reverse=True)  # last parameters first
+        covered = torch.zeros(total, dtype=torch.int)
+        for o, n, sent in buckets:
+            covered[o:o + n] += 1
+            assert torch.equal(sent, res['local'][o:o + n])  # sent complete: this rank's final gradients
+        assert covered.eq(1).all()  # each element in exactly one bucket, each bucket sent once
+
+
+def test_phase_step_refuses_a_second_gradient_in_one_backward():
+    """Reentrant checkpointing accumulates a layer's gradient once per use within one backward: its
+    bucket would have left with the first part, so phase_step stops with a clear error."""
+    lin = nn.Linear(3, 3)
+    x = torch.randn(2, 3, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(lin, torch.utils.checkpoint.checkpoint(lin, x, use_reentrant=True), use_reentrant=True)
+    with pytest.raises(RuntimeError, match='two gradients in one backward'):
+        train.phase_step(lin, torch.optim.SGD(lin.parameters(), lr=0), torch.amp.GradScaler('cpu', enabled=False),
+                         y.sum(), world=1)
 
 
 def test_channels_last_training_equals_contiguous_training(tmp_path):

@@ -314,27 +314,78 @@ def lr_scale(nimg, total, decay_kimg):
     return min(1.0, max(0.0, (total - nimg) / (decay_kimg * 1000)))
 
 
+BUCKET_MB = 25  # gradient all-reduce bucket size (DDP's default): large enough for bandwidth, small enough to overlap
+
+
 def phase_step(net, opt, scaler, loss, world):
-    """Backward, average gradients over processes (one flat all_reduce), optimizer step. Manual
-    instead of DDP wrappers: every flag combination works, unused parameters included (e.g. D's
-    layers that a phase does not reach). Non-finite gradient entries are zeroed like the official
+    """Backward, average gradients over processes, optimizer step. Manual instead of DDP wrappers:
+    every flag combination works, unused parameters included (e.g. D's layers that a phase does not
+    reach), and the phases alternate between G and D and take double backwards (R1, path length),
+    which DDP's reducer does not follow. Non-finite gradient entries are zeroed like the official
     code, except under fp16 loss scaling: there an inf is the overflow the scaler must see to skip
     the step and lower its scale (the all_reduce spreads it, so every process skips). Returns the norm of
     the averaged gradient (None under fp16 loss scaling).
-    Each gradient becomes a view of the flat buffer with its parameter's strides (channels_last
+    Each gradient becomes a view of one flat buffer with its parameter's strides (channels_last
     included): the optimizer's foreach kernels then group them, and a fused Adam, which assumes a
-    gradient laid out as its parameter, updates the right elements."""
-    scaler.scale(loss).backward()
+    gradient laid out as its parameter, updates the right elements.
+    The all-reduce overlaps the backward, as DDP's: the buffer is cut into buckets of ~BUCKET_MB, the
+    parameters taken in reverse order (the order the backward finishes them); a hook copies each
+    gradient into the buffer once autograd has accumulated it, and a bucket whose gradients are all in
+    starts its async all-reduce, strictly in bucket order (the same collectives in the same order on
+    every process). Parameters the backward does not reach (no hook fires) go in after it; their
+    buckets and those behind them are reduced then. Summing slices of the buffer in place of the whole
+    gives the same numbers."""
     params = [p for p in net.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     offsets = [0]
     for p in params:
         offsets.append(offsets[-1] + p.numel())
     flat = torch.empty(offsets[-1], dtype=params[0].dtype, device=params[0].device)
     views = [flat.as_strided(p.shape, p.stride(), o) for p, o in zip(params, offsets)]  # dense: contiguous or channels_last
-    torch._foreach_copy_(views, grads)
+    cap, buckets, bucket_of = BUCKET_MB * 2 ** 20 // flat.element_size(), [], {}
+    for i in reversed(range(len(params))):  # buckets of consecutive parameters: slices [offsets[lo], offsets[hi]) of flat
+        if not buckets or offsets[buckets[-1][1]] - offsets[i] > cap:
+            buckets.append([i + 1, i + 1])
+        buckets[-1][0] = i
+        bucket_of[i] = len(buckets) - 1
+    waiting = [hi - lo for lo, hi in buckets]  # per bucket: gradients not yet copied
+    works, done = [], set()
+
+    def launch():  # every complete bucket after those already started, in order
+        while len(works) < len(buckets) and waiting[len(works)] == 0:
+            lo, hi = buckets[len(works)]
+            works.append(dist.all_reduce(flat[offsets[lo]:offsets[hi]], async_op=True) if world > 1 else None)
+
+    def put(i):  # parameter i's gradient into the buffer (none: 0); its own copy freed, so the backward holds one
+        g = params[i].grad
+        if g is None:
+            views[i].zero_()
+        else:
+            views[i].copy_(g)
+        params[i].grad = None
+        waiting[bucket_of[i]] -= 1
+
+    def ready(i):  # autograd has accumulated parameter i's gradient (None where it brought only an undefined one)
+        if i in done:  # a second accumulation in one backward (reentrant checkpointing) would come after its bucket left
+            raise RuntimeError(f'phase_step: parameter {i} of {type(net).__name__} received two gradients in one '
+                               f'backward; use non-reentrant checkpointing (use_reentrant=False)')
+        done.add(i)
+        put(i)
+        launch()
+
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: ready(i)) for i, p in enumerate(params)]
+    try:
+        scaler.scale(loss).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    for i in range(len(params)):  # not reached by this backward: a gradient from before it, or none
+        if i not in done:
+            put(i)
+    launch()
+    for w in works:
+        if w is not None:
+            w.wait()
     if world > 1:
-        dist.all_reduce(flat)
         flat /= world
     if not scaler.is_enabled():
         torch.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
