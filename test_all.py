@@ -2591,6 +2591,25 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert steps(a) == steps(b) == [1, 2, 3, 4]  # the resumed log holds each step once
 
 
+def test_contrastive_reuses_the_g_steps_real_logits_in_the_d_step(tmp_path, monkeypatch):
+    """With StyleGAN2's D, the contrastive loss's D pass on the reals in Gmain serves Dmain too (one D
+    pass less per step); training equals the run that computes it twice. SN-DCGAN's D (its power
+    iteration changes u on every forward) keeps both passes."""
+    calls = []
+    forward = model.Discriminator.forward
+    monkeypatch.setattr(model.Discriminator, 'forward', lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw))
+    common = ['--kimg', '0.024', '--snap-kimg', '0.024', '--loss', 'contrastive', '--warmup-kimg', '0', '--gamma', '0']
+    a = run_train(tmp_path, *common, name='reuse')
+    assert len(calls) == 3 * 3  # per step: fakes and reals in Gmain, fakes in Dmain
+    monkeypatch.setattr(train, 'reuses_real_logits', lambda D: False)
+    calls.clear()
+    b = run_train(tmp_path, *common, name='twice')
+    assert len(calls) == 4 * 3
+    assert_same_state(load(f'{a}/ckpt-0000003.pt'), load(f'{b}/ckpt-0000003.pt'), atol=1e-6)
+    assert not train.reuses_real_logits(model.build_networks(vars(train.parse_args(['--cfg', 'quick'])))[1])
+    assert not train.reuses_real_logits(model.Discriminator(16, channel_base=64, channel_max=16, d_attn='ref'))
+
+
 def test_resume_takes_new_lr_and_refuses_another_run_or_a_stale_checkpoint(tmp_path, capsys):
     out = run_train(tmp_path, '--kimg', '0.024', '--snap-kimg', '0.008', '--keep', '3')
     ckpts = sorted(glob.glob(f'{out}/ckpt-*.pt'))

@@ -317,6 +317,15 @@ def lr_scale(nimg, total, decay_kimg):
 BUCKET_MB = 25  # gradient all-reduce bucket size (DDP's default): large enough for bandwidth, small enough to overlap
 
 
+def reuses_real_logits(D):
+    """The contrastive G loss needs D's real logits (Eq. 2.1-2.2); Dmain computes them again with the same
+    D (it changes only in its own step) on the same batch. Where D's forward has no side effect
+    (StyleGAN2's D; the SN backbones' power iteration updates u on every forward) and sees the reals
+    alone (not in reference-attention's joint pass), Gmain keeps that pass's graph and Dmain uses it:
+    one D pass less per step, the same numbers."""
+    return isinstance(D, model.Discriminator) and not D.needs_ref
+
+
 def phase_step(net, opt, scaler, loss, world):
     """Backward, average gradients over processes, optimizer step. Manual instead of DDP wrappers:
     every flag combination works, unused parameters included (e.g. D's layers that a phase does not
@@ -736,6 +745,7 @@ def train(args, rank, world, device, init=None):
     # in Dmain and b in Gmain, which would otherwise turn into a dynamic batch dimension after one recompile
     G_main = torch.compile(G, dynamic=False) if args.compile else G
     D_main = torch.compile(D, dynamic=False) if args.compile else D
+    reuse_real = reuses_real_logits(D)
 
     loader = data.InfiniteLoader(dataset, b, rank, world, args.seed, nimg, args.mirror, args.workers, device, args.cond)
     ref_loader = (data.InfiniteLoader(dataset, b, rank, world, args.seed + 1, nimg, args.mirror, args.workers, device)
@@ -798,7 +808,7 @@ def train(args, rank, world, device, init=None):
         real, c_real = to_float(real_u8), (one_hot(real_labels) if args.cond else None)
         ref = to_float(ref_u8) if ref_u8 is not None else None
         kind = 'nonsat' if args.loss == 'contrastive' and nimg < args.warmup_kimg * 1000 else args.loss
-        timings = {}
+        timings, kept = {}, None  # kept: D's real logits of Gmain, with their graph, when Dmain can use them
 
         def tic(name):  # phase start times; the benchmark synchronises the GPU to time phases
             if bench and device.type == 'cuda':
@@ -825,7 +835,13 @@ def train(args, rank, world, device, init=None):
                         fake_logits, maps = D(fake, ref, return_maps=True, c=lat.get('c'))
                 else:
                     fake_logits = D_main(fake, ref, c=lat.get('c'))
-                real_logits = D_main(real, ref, c=c_real).detach() if kind == 'contrastive' else None
+                real_logits = None
+                if kind == 'contrastive':  # kept with its graph for Dmain where D cannot change before it
+                    D.requires_grad_(reuse_real)
+                    kept = D_main(real, ref, c=c_real)
+                    D.requires_grad_(False)
+                    real_logits = kept.detach()
+                    kept = kept if reuse_real else None
                 loss = losses.g_loss(kind, fake_logits, real_logits, args.g_form)
             record('G/loss', loss)
             if align_now:  # EqGAN-SA Eq. 4 (--eqgan official: as the authors' code computes it)
@@ -858,7 +874,8 @@ def train(args, rank, world, device, init=None):
                 both = torch.cat([lat['c'], c_real]) if args.cond else None
                 fake_logits, real_logits = D_main(torch.cat([fake, real]), ref, c=both).chunk(2)
             else:
-                fake_logits, real_logits = D_main(fake, ref, c=lat.get('c')), D_main(real, ref, c=c_real)
+                fake_logits = D_main(fake, ref, c=lat.get('c'))
+                real_logits = kept if kept is not None else D_main(real, ref, c=c_real)
             loss = losses.d_loss(kind, real_logits, fake_logits)
         if kind == 'wgan':
             gp = losses.wgan_gp(D, real, fake, ref, mine(torch.rand([B, 1, 1, 1], generator=gen, device=device)), c_real).mean()
