@@ -988,12 +988,12 @@ def diffaug_params(gen, n, policies, size, device='cpu'):
 
 def augment(x, prm):
     """Images x [n, 3, H, W] in [-1, 1] through the transforms of ada_params or diffaug_params (this
-    process's n images), in fp32 whatever the autocast."""
+    process's n images), in fp32 (or fp64) whatever the autocast."""
     with torch.autocast(x.device.type, enabled=False):
-        x = x.float()
+        x = x.double() if x.dtype == torch.float64 else x.float()
         if 'color' in prm:  # ADA: one resampling for the composed geometric transform, then one colour matrix
             x = torch.where(prm['geom_on'][:, None, None, None], warp(x, prm['geom']), x)
-            C = prm['color']
+            C = prm['color'].to(x.dtype)
             y = torch.einsum('nij,njhw->nihw', C[:, :3, :3], x) + C[:, :3, 3, None, None]
             return torch.where(prm['color_on'][:, None, None, None], y, x)
         n, _, H, W = x.shape

@@ -243,7 +243,8 @@ def check_args(args, world, device):
             ('lr snap_kimg metrics_kimg ada_kimg', lambda v: v > 0, 'be positive'),
             ('lr_decay_kimg', lambda v: 0 <= v <= args.kimg, f'lie in [0, --kimg {args.kimg:g}]'),
             ('beta1 beta2', lambda v: 0 <= v < 1, 'lie in [0, 1)'),
-            ('style_mix align_tau aug_p ada_target', lambda v: 0 <= v <= 1, 'lie in [0, 1]'),
+            ('style_mix align_tau aug_p', lambda v: 0 <= v <= 1, 'lie in [0, 1]'),
+            ('ada_target', lambda v: -1 <= v <= 1, 'lie in [-1, 1], as r_t = E[sign(D(real))]'),
             ('gamma pl_weight ema_kimg ema_rampup align_weight warmup_kimg log_sec workers seed bench_steps freeze_d holdout',
              lambda v: v >= 0, 'be at least 0'),
             ('batch max_images num_gen mbstd_group z_dim w_dim map_layers channel_base channel_max n_dis keep '
