@@ -7,6 +7,8 @@ StyleGAN2 generator and discriminator (Karras et al., CVPR 2020, configs E and F
     Raising Spatial Awareness" (EqGAN-SA, Wang et al., CVPR 2022; Sec. 3.1, Eq. 3), as the paper's
     text reads and as the authors' code (genforce/eqgan-sa) builds them,
   - the SN-DCGAN and SNGAN backbones (Miyato et al., ICLR 2018) the papers also report on,
+  - the augmentation of every image D sees for limited data: ADA's 'bgc' pipeline (Karras et al.,
+    NeurIPS 2020) and DiffAugment (Zhao et al., NeurIPS 2020),
   - safe reading of official stylegan2-ada-pytorch network pickles, and of the EqGAN-SA authors'
     (no code from the pickle runs).
 
