@@ -5352,21 +5352,21 @@ def test_gradcam_alignment_heatmaps_move_with_the_augmented_fakes(tmp_path, monk
 
 
 def test_ada_p_controller_by_hand(tmp_path, monkeypatch):
-    """10 steps, --ada-interval 3: p moves after steps 0, 3, 6, 9 by sign(r_t - target) x 8 x 3 /
+    """7 steps, --ada-interval 3: p moves after steps 0, 3, 6 by sign(r_t - target) x 8 x 3 /
     (ada_kimg x 1000), clamped at 0, with r_t the mean sign of every real logit since the previous move
     (Dmain's each step, and R1's pass every 2 steps), all as computed here from the logits D gave."""
     signs, real_d_loss, real_r1 = [], losses.d_loss, losses.r1_penalty
     monkeypatch.setattr(losses, 'd_loss', lambda kind, r, f: signs.append(('main', r.detach().sign())) or real_d_loss(kind, r, f))
     monkeypatch.setattr(losses, 'r1_penalty', lambda x, r: signs.append(('r1', r.detach().sign())) or real_r1(x, r))
-    out = run_train(tmp_path, '--kimg', '0.08', '--aug', 'ada', '--ada-interval', '3', '--ada-kimg', '0.2',
+    out = run_train(tmp_path, '--kimg', '0.056', '--aug', 'ada', '--ada-interval', '3', '--ada-kimg', '0.2',
                     '--ada-target', '0.1', '--r1-interval', '2')
-    per_step = [[] for _ in range(10)]
+    per_step = [[] for _ in range(7)]
     step = -1
     for kind, s in signs:  # Dmain opens each step
         step += kind == 'main'
         per_step[step].append(s)
     p, since, want = 0.0, [], []
-    for step in range(10):
+    for step in range(7):
         since += per_step[step]
         if step % 3 == 0:
             r_t = torch.cat(since).mean().item()
@@ -5376,21 +5376,21 @@ def test_ada_p_controller_by_hand(tmp_path, monkeypatch):
     lines = [r for r in map(json.loads, open(f'{out}/log.jsonl')) if 'aug/p' in r]
     assert [r['aug/p'] for r in lines] == pytest.approx(want, abs=1e-6)
     assert len(set(want)) > 1  # p moved
-    assert [r['D/rt'] for r in lines] == pytest.approx([per_step[i][0].mean().item() for i in range(10)], abs=1e-4)
+    assert [r['D/rt'] for r in lines] == pytest.approx([per_step[i][0].mean().item() for i in range(7)], abs=1e-4)
     ck = load(glob.glob(f'{out}/ckpt-*.pt')[-1])
     assert ck['aug_p'].item() == pytest.approx(want[-1])
-    assert ck['ada_signs'].tolist() == [0.0, 0.0]  # step 9 moved p
+    assert ck['ada_signs'].tolist() == [0.0, 0.0]  # step 6 moved p
 
 
 def test_ada_p_survives_a_stop_and_resume_exactly(tmp_path):
     """A checkpoint in the middle of an adjustment interval: the resumed run holds the same p, the same
     partial sign sums and the same weights as the uninterrupted one."""
-    common = ['--aug', 'ada', '--ada-interval', '3', '--ada-kimg', '0.1', '--ada-target', '0', '--snap-kimg', '0.04']
-    a = run_train(tmp_path, '--kimg', '0.08', *common, name='a')
-    b = run_train(tmp_path, '--kimg', '0.04', *common, name='b')
-    assert load(f'{b}/ckpt-0000005.pt')['ada_signs'][1] > 0  # stopped with signs counted towards the next move
-    run_train(tmp_path, '--kimg', '0.08', *common, name='b')
-    ca, cb = load(f'{a}/ckpt-0000010.pt'), load(f'{b}/ckpt-0000010.pt')
+    common = ['--aug', 'ada', '--ada-interval', '3', '--ada-kimg', '0.1', '--ada-target', '-1', '--snap-kimg', '0.024']
+    a = run_train(tmp_path, '--kimg', '0.048', *common, name='a')
+    b = run_train(tmp_path, '--kimg', '0.024', *common, name='b')
+    assert load(f'{b}/ckpt-0000003.pt')['ada_signs'][1] > 0  # stopped with signs counted towards the next move
+    run_train(tmp_path, '--kimg', '0.048', *common, name='b')
+    ca, cb = load(f'{a}/ckpt-0000006.pt'), load(f'{b}/ckpt-0000006.pt')
     assert_same_state(ca, cb)
     assert torch.equal(ca['aug_p'], cb['aug_p']) and torch.equal(ca['ada_signs'], cb['ada_signs']) and ca['aug_p'] > 0
 
