@@ -852,6 +852,9 @@ def _flat(d, prefix=''):  # {'swd2k': {'avg': 1}} -> {'swd2k/avg': 1}
     return out
 
 
+# --keys shorthands: train.py --holdout's D outputs (ADA Fig. 1b), and ADA's r_t with its p (Fig. 5)
+KEY_GROUPS = {'overfit': 'overfit/train,overfit/heldout,overfit/fake', 'ada': 'D/rt,aug/p'}
+
 OFFLINE = ('swd2k, di2k and fddf2k need no download (the count in the name: swd10k, di, fddf5k; '
            '_full = all real images)')
 
@@ -868,7 +871,9 @@ def main():
     p.add_argument('--summary', metavar='LOG', help="print a run's summary (kimg, seconds, every metric evaluation) as JSON")
     p.add_argument('--table', nargs='+', metavar='JSON', help='summaries (--summary) -> a markdown table of --keys, '
                    'mean +- std over the seeds of each run')
-    p.add_argument('--keys', default='D/real_min,D/fake_max', help='--plot / --table: log keys (default: EqGAN-SA Fig. 1)')
+    p.add_argument('--keys', default='D/real_min,D/fake_max',
+                   help='--plot / --table: log keys (default: EqGAN-SA Fig. 1); overfit: D on training reals, held-out reals '
+                        'and fakes (train.py --holdout); ada: r_t and p (train.py --aug)')
     p.add_argument('--title', default='', help='--plot: title')
     p.add_argument('--beside', metavar='PNG', help='--plot: put this image (e.g. sample grids of the runs) left of the curves')
     p.add_argument('--out', default='curves.png', help='--plot: output PNG')
@@ -889,6 +894,7 @@ def main():
     p.add_argument('--amp', choices=['none', 'bf16', 'fp16'], help="autocast of G and D (default: the checkpoint's --amp)")
     p.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda, mps')
     a = p.parse_args()
+    a.keys = ','.join(KEY_GROUPS.get(k, k) for k in a.keys.split(','))
     if a.summary:
         print(json.dumps(summarize(a.summary)))
         return

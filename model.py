@@ -7,6 +7,8 @@ StyleGAN2 generator and discriminator (Karras et al., CVPR 2020, configs E and F
     Raising Spatial Awareness" (EqGAN-SA, Wang et al., CVPR 2022; Sec. 3.1, Eq. 3), as the paper's
     text reads and as the authors' code (genforce/eqgan-sa) builds them,
   - the SN-DCGAN and SNGAN backbones (Miyato et al., ICLR 2018) the papers also report on,
+  - the augmentation of every image D sees for limited data: ADA's 'bgc' pipeline (Karras et al.,
+    NeurIPS 2020) and DiffAugment (Zhao et al., NeurIPS 2020),
   - safe reading of official stylegan2-ada-pytorch network pickles, and of the EqGAN-SA authors'
     (no code from the pickle runs).
 
@@ -808,6 +810,216 @@ class SmallDiscriminator(nn.Module):
             logits = self.head(feat)
         out = (logits.squeeze(1), feat) if return_features else (logits.squeeze(1),)
         return (*out, maps) if return_maps else (out[0] if len(out) == 1 else out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation of every image D sees: ADA (Karras et al., "Training Generative Adversarial Networks
+# with Limited Data", NeurIPS 2020; its 'bgc' pipeline) and DiffAugment (Zhao et al., "Differentiable
+# Augmentation for Data-Efficient GAN Training", NeurIPS 2020). Reals and fakes go through the same
+# random transforms, all differentiable, so G learns through them and D's outputs on augmented images
+# do not leak the augmentation into G's images (ADA Sec. 2). The parameters are drawn for a whole
+# batch first (ada_params / diffaug_params: train.py draws them for the global batch from the step's
+# generator and gives each process its slice), then applied (augment).
+
+AUG_KINDS = ('none', 'ada', 'fixed', 'diffaug')
+# 'bgc': blit (xflip, rotate90, xint), geometric (scale, rotate, aniso, xfrac), colour; each transform
+# applies to an image with probability p x its multiplier. Ranges: the official defaults (ADA Appendix B).
+ADA_BGC = dict(xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1, xfrac=1,
+               brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1)
+ADA_XINT_MAX, ADA_SCALE_STD, ADA_ROTATE_MAX, ADA_ANISO_STD, ADA_XFRAC_STD = 0.125, 0.2, 1.0, 0.2, 0.125
+ADA_BRIGHTNESS_STD, ADA_CONTRAST_STD, ADA_HUE_MAX, ADA_SATURATION_STD = 0.2, 0.5, 1.0, 1.0
+DIFFAUG_POLICIES = ('color', 'translation', 'cutout')
+
+
+def _affine(a, b, c, d, e, f):  # [n] tensors -> [n, 3, 3] matrices [[a, b, c], [d, e, f], [0, 0, 1]]
+    o = torch.zeros_like(a)
+    return torch.stack([a, b, c, d, e, f, o, o, o + 1], -1).view(-1, 3, 3)
+
+
+def _translate(tx, ty):
+    return _affine(torch.ones_like(tx), 0 * tx, tx, 0 * tx, torch.ones_like(tx), ty)
+
+
+def _scale(sx, sy):
+    return _affine(sx, 0 * sx, 0 * sx, 0 * sx, sy, 0 * sx)
+
+
+def _rotate(cos, sin):  # counter-clockwise in (x right, y down) pixel coordinates: clockwise on screen
+    return _affine(cos, -sin, 0 * cos, sin, cos, 0 * cos)
+
+
+def ada_params(gen, n, p, size, which=ADA_BGC, device='cpu'):
+    """Random parameters of the 'bgc' pipeline for n images of size (H, W) at strength p (a float or a
+    0-dim tensor; ADA's p lives on the device): {'geom': [n, 3, 3] inverse geometric transforms (output
+    -> input) in grid_sample's normalised coordinates, 'color': [n, 4, 4] colour transforms (homogeneous
+    RGB), 'geom_on', 'color_on': [n] bool, False where the transform is the identity}. Every value is
+    drawn whatever p and `which` (probability multipliers, 0 turns a transform off): the draws, and so
+    the rest of the step's random numbers, do not depend on them."""
+    H, W = size
+    uni = lambda *s: torch.rand([n, *s], generator=gen, device=device)
+    nrm = lambda *s: torch.randn([n, *s], generator=gen, device=device)
+    p = torch.as_tensor(p, dtype=torch.float32, device=device)
+    gate = lambda prob: uni() < prob  # [n] bool: this transform applies to this image
+    eye3, eye4 = torch.eye(3, device=device), torch.eye(4, device=device)
+    M, geom_on = eye3.expand(n, 3, 3), torch.zeros(n, dtype=torch.bool, device=device)
+
+    def then(T, on):  # M <- M @ T where on: the inverses compose output -> input, in the official order
+        nonlocal M, geom_on
+        M, geom_on = torch.where(on[:, None, None], M @ T, M), geom_on | on
+    # pixel blitting: exact on the pixel grid (test_all checks them against index arithmetic)
+    i = torch.floor(uni() * 2)
+    then(_scale(1 - 2 * i, torch.ones_like(i)), gate(which['xflip'] * p) & (i > 0))
+    i = torch.floor(uni() * 4).long()
+    quarter = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]], device=device)[i]  # exact cos, sin of i x 90°
+    then(_rotate(quarter[:, 0], quarter[:, 1]), gate(which['rotate90'] * p) & (i > 0))
+    t = torch.round((uni(2) * 2 - 1) * ADA_XINT_MAX * torch.tensor([W, H], device=device))  # [n, 2] whole pixels
+    then(_translate(-t[:, 0], -t[:, 1]), gate(which['xint'] * p))
+    # general geometric transforms; the rotation is split in two (before and after the anisotropic scaling),
+    # each with probability 1 - sqrt(1 - p) so that one of them applies with probability p (as the official code)
+    s = torch.exp2(nrm() * ADA_SCALE_STD)
+    then(_scale(1 / s, 1 / s), gate(which['scale'] * p))
+    p_rot = 1 - torch.sqrt((1 - which['rotate'] * p).clamp(0, 1))
+    theta = (uni() * 2 - 1) * math.pi * ADA_ROTATE_MAX
+    then(_rotate(torch.cos(theta), torch.sin(theta)), gate(p_rot))
+    s = torch.exp2(nrm() * ADA_ANISO_STD)
+    then(_scale(1 / s, s), gate(which['aniso'] * p))
+    theta = (uni() * 2 - 1) * math.pi * ADA_ROTATE_MAX
+    then(_rotate(torch.cos(theta), torch.sin(theta)), gate(p_rot))
+    t = nrm(2) * ADA_XFRAC_STD * torch.tensor([W, H], device=device)
+    then(_translate(-t[:, 0], -t[:, 1]), gate(which['xfrac'] * p))
+    # pixel units (origin at the image centre) -> grid_sample's [-1, 1]: conjugate by diag(2 / W, 2 / H)
+    S = torch.diag(torch.tensor([2 / W, 2 / H, 1.0], device=device))
+    geom = S @ M @ torch.linalg.inv(S)
+
+    # colour: C maps homogeneous RGB [r, g, b, 1] (in [-1, 1]) to the output colour; each step left-multiplies
+    C, color_on = eye4.expand(n, 4, 4), torch.zeros(n, dtype=torch.bool, device=device)
+
+    def first(T, on):  # C <- T @ C where on
+        nonlocal C, color_on
+        C, color_on = torch.where(on[:, None, None], T @ C, C), color_on | on
+    v = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device) / math.sqrt(3)  # the luma axis
+    vv = torch.outer(v, v)
+    b = nrm() * ADA_BRIGHTNESS_STD
+    bright = eye4.repeat(n, 1, 1)
+    bright[:, :3, 3] = b[:, None]  # adds b to r, g and b
+    first(bright, gate(which['brightness'] * p))
+    c = torch.exp2(nrm() * ADA_CONTRAST_STD)
+    first(torch.diag_embed(torch.stack([c, c, c, torch.ones_like(c)], -1)), gate(which['contrast'] * p))
+    i = torch.floor(uni() * 2)
+    first(eye4 - 2 * vv * i[:, None, None], gate(which['lumaflip'] * p) & (i > 0))  # Householder reflection
+    theta = (uni() * 2 - 1) * math.pi * ADA_HUE_MAX
+    cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
+    cross = torch.tensor([[0.0, -1, 1, 0], [1, 0, -1, 0], [-1, 1, 0, 0], [0, 0, 0, 0]], device=device) / math.sqrt(3)  # [v]_x
+    hue = vv + (eye4 - vv) * cos + cross * sin  # Rodrigues: rotation by theta about v (the 4th row/column stay)
+    hue[:, 3, 3] = 1
+    first(hue, gate(which['hue'] * p))
+    s = torch.exp2(nrm() * ADA_SATURATION_STD)[:, None, None]
+    first(vv + (eye4 - vv) * s, gate(which['saturation'] * p))
+    return dict(geom=geom, color=C, geom_on=geom_on, color_on=color_on)
+
+
+def _symmetric_pad(x, k):  # mirror with the edge pixel repeated (d c b a | a b c d ...), as grid_sample's 'reflection'
+    x = torch.cat([x[..., :k, :].flip(-2), x, x[..., -k:, :].flip(-2)], -2)
+    return torch.cat([x[..., :k].flip(-1), x, x[..., -k:].flip(-1)], -1)
+
+
+# The down-sampling partner of the [1, 3, 3, 1] up-sampling filter: with [-1, 3, 3, -1] / 4 after it,
+# down(up(x)) = x exactly (the pair is biorthogonal), so an identity, a flip, a quarter turn or a whole-
+# pixel shift passes through the 2x resampling unchanged, while other transforms are sampled at 2x and
+# low-passed back (the official code's non-leaking design uses the orthogonal sym6 wavelet for both).
+def _down_filter():
+    f = torch.tensor([-1.0, 3.0, 3.0, -1.0]) / 4
+    return torch.outer(f, f)  # [4, 4], sums to 1
+
+
+def warp(x, geom):
+    """x [n, C, h, w] resampled through the inverse transforms geom [n, 3, 3] (normalised coordinates,
+    output -> input): mirror-padded, 2x up-sampled with the [1, 3, 3, 1] FIR, bilinear grid_sample
+    (mirroring outside the image), then 2x down-sampled with its biorthogonal partner -> [n, C, h, w].
+    The normalised matrices work at any resolution: images and EqGAN-SA heatmaps share them."""
+    n, C, h, w = x.shape
+    big = upsample2d(_symmetric_pad(x, 2), fir_filter().to(x))[..., 4:-4, 4:-4]  # [n, C, 2h, 2w]
+    # the 2x grid's pixel centres in [-1, 1], with one more ring for the down-sampling filter
+    ys = (torch.arange(-1, 2 * h + 1, device=x.device, dtype=x.dtype) + 0.5) / h - 1
+    xs = (torch.arange(-1, 2 * w + 1, device=x.device, dtype=x.dtype) + 0.5) / w - 1
+    yy, xx = torch.meshgrid(ys, xs, indexing='ij')
+    pts = torch.stack([xx, yy, torch.ones_like(xx)]).view(3, -1)  # [3, P]
+    grid = (geom[:, :2].to(x.dtype) @ pts).view(n, 2, 2 * h + 2, 2 * w + 2).permute(0, 2, 3, 1)  # [n, 2h+2, 2w+2, 2]
+    big = F.grid_sample(big, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
+    return F.conv2d(big, _down_filter().to(x).expand(C, 1, 4, 4), stride=2, groups=C)  # [n, C, h, w]
+
+
+def warp_maps(maps, prm):
+    """EqGAN-SA heatmaps {level: [n, k, r, r]} (any r) moved by the geometric part of the augmentation
+    parameters prm (ADA's composed transform, DiffAugment's translation): GradCAM on an augmented image
+    (Eq. 4) then finds its objects where the target says. Colour transforms and cutout move nothing; entries
+    that are not maps (the authors' sampler's centres and widths) stay as they are."""
+    if 'geom' not in prm:
+        return maps
+    on = prm['geom_on'][:, None, None, None]
+    move = lambda v: torch.where(on, warp(v.float(), prm['geom']), v.float()).to(v.dtype)
+    return {k: move(v) if v.ndim == 4 else v for k, v in maps.items()}
+
+
+def diffaug_params(gen, n, policies, size, device='cpu'):
+    """DiffAugment's random parameters for n images of size (H, W), in the order of `policies` (Zhao et
+    al.'s ranges): color: brightness + U(-0.5, 0.5), saturation x U(0, 2), contrast x U(0.5, 1.5);
+    translation: whole pixels in [-s, s], s = 1/8 of the size (rounded); cutout: a square of half the size
+    (rounded) at a uniform centre, clipped by the borders."""
+    H, W = size
+    uni = lambda *s: torch.rand([n, *s], generator=gen, device=device)
+    prm = {}
+    for policy in policies:
+        if policy == 'color':
+            prm.update(brightness=uni() - 0.5, saturation=uni() * 2, contrast=uni() + 0.5)
+        elif policy == 'translation':
+            sy, sx = int(H * 0.125 + 0.5), int(W * 0.125 + 0.5)
+            prm['shift'] = torch.stack([torch.randint(-sy, sy + 1, [n], generator=gen, device=device),
+                                        torch.randint(-sx, sx + 1, [n], generator=gen, device=device)], 1)  # [n, 2] (y, x)
+            t = prm['shift'].float() * torch.tensor([2 / H, 2 / W], device=device)  # out(u) = in(u + t): as a matrix,
+            prm.update(geom=_translate(t[:, 1], t[:, 0]), geom_on=(prm['shift'] != 0).any(1))  # for warp_maps
+        elif policy == 'cutout':
+            cy, cx = int(H * 0.5 + 0.5), int(W * 0.5 + 0.5)
+            centre = torch.stack([torch.randint(0, H + (1 - cy % 2), [n], generator=gen, device=device),
+                                  torch.randint(0, W + (1 - cx % 2), [n], generator=gen, device=device)], 1)
+            prm['cutout'] = centre - torch.tensor([cy // 2, cx // 2], device=device)  # [n, 2] top-left corner (y, x)
+        else:
+            raise ValueError(f'unknown DiffAugment policy {policy!r}; choose from {", ".join(DIFFAUG_POLICIES)}')
+    return dict(prm, policies=tuple(policies))
+
+
+def augment(x, prm):
+    """Images x [n, 3, H, W] in [-1, 1] through the transforms of ada_params or diffaug_params (this
+    process's n images), in fp32 (or fp64) whatever the autocast."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.double() if x.dtype == torch.float64 else x.float()
+        if 'color' in prm:  # ADA: one resampling for the composed geometric transform, then one colour matrix
+            x = torch.where(prm['geom_on'][:, None, None, None], warp(x, prm['geom']), x)
+            C = prm['color'].to(x.dtype)
+            y = torch.einsum('nij,njhw->nihw', C[:, :3, :3], x) + C[:, :3, 3, None, None]
+            return torch.where(prm['color_on'][:, None, None, None], y, x)
+        n, _, H, W = x.shape
+        for policy in prm['policies']:  # DiffAugment, in the order of its policies
+            if policy == 'color':
+                x = x + prm['brightness'][:, None, None, None]
+                mean = x.mean(1, keepdim=True)
+                x = (x - mean) * prm['saturation'][:, None, None, None] + mean
+                mean = x.mean([1, 2, 3], keepdim=True)
+                x = (x - mean) * prm['contrast'][:, None, None, None] + mean
+            elif policy == 'translation':  # out[i, j] = x[i + ty, j + tx], zero outside
+                iy = torch.arange(H, device=x.device) + prm['shift'][:, :1]  # [n, H]
+                ix = torch.arange(W, device=x.device) + prm['shift'][:, 1:]  # [n, W]
+                inside = ((iy >= 0) & (iy < H))[:, None, :, None] & ((ix >= 0) & (ix < W))[:, None, None, :]
+                rows = torch.arange(n, device=x.device)[:, None, None]
+                x = x[rows, :, iy.clamp(0, H - 1)[:, :, None], ix.clamp(0, W - 1)[:, None, :]]  # [n, H, W, C]
+                x = x.permute(0, 3, 1, 2) * inside
+            else:  # cutout: zero a square
+                y0, x0 = prm['cutout'][:, 0, None], prm['cutout'][:, 1, None]  # [n, 1]
+                iy, ix = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+                cy, cx = int(H * 0.5 + 0.5), int(W * 0.5 + 0.5)
+                hole = ((iy >= y0) & (iy < y0 + cy))[:, None, :, None] & ((ix >= x0) & (ix < x0 + cx))[:, None, None, :]
+                x = x * ~hole
+        return x
 
 
 # ----------------------------------------------------------------------------------------------

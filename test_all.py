@@ -5261,3 +5261,329 @@ def test_tensorboard_events_read_back(tmp_path, capsys, monkeypatch):
     assert not glob.glob(f'{run_train(tmp_path, "--kimg", "0.008", name="plain")}/events.*')  # nothing without the flag
     monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # as if tensorboard were not installed
     expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'no'), '--tensorboard'], 'pip install tensorboard')
+
+
+# ==============================================================================================
+# Augmentation of D's inputs (ADA, DiffAugment), Freeze-D, D-overfitting diagnostics (issue 25)
+
+NO_AUG = {k: 0 for k in model.ADA_BGC}
+
+
+def _aug_images(n=16, res=16, seed=0, detail=4):  # smooth random images in [-1, 1], distinct per image
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(n, 3, detail, detail, generator=g), size=(res, res), mode='bicubic', align_corners=False)
+    return (x * 2 - 1).clamp(-1, 1)
+
+
+def _ada(x, p=1.0, seed=1, **on):  # ADA with only the named transforms (multiplier 1) at strength p
+    prm = model.ada_params(torch.Generator().manual_seed(seed), x.shape[0], p, x.shape[2:], {**NO_AUG, **on})
+    return model.augment(x, prm), prm
+
+
+def test_aug_at_p0_is_the_identity_to_the_bit():
+    x = _aug_images()
+    y, prm = _ada(x, p=0.0, **model.ADA_BGC)
+    assert torch.equal(y, x) and not prm['geom_on'].any() and not prm['color_on'].any()
+    h = {'b8': torch.rand(16, 1, 16, 16), 4: torch.rand(16, 2, 4, 4), 'centers': torch.rand(16, 7, 2)}
+    assert all(torch.equal(v, h[k]) for k, v in model.warp_maps(h, prm).items())
+    # p = 0 draws the same numbers as p = 1 (the rest of the step's random numbers do not depend on p)
+    g0, g1 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    model.ada_params(g0, 4, 0.0, (16, 16)), model.ada_params(g1, 4, 1.0, (16, 16))
+    assert torch.equal(torch.rand(3, generator=g0), torch.rand(3, generator=g1))
+
+
+def test_aug_flips_quarter_turns_and_whole_pixel_shifts_equal_index_arithmetic():
+    """The blits go through the same 2x resampling as every geometric transform, and come out exact:
+    [1, 3, 3, 1] up and [-1, 3, 3, -1] / 4 down are biorthogonal, grid_sample lands on pixel centres."""
+    x = _aug_images(32)
+    y, prm = _ada(x, xflip=1)
+    flipped = prm['geom'][:, 0, 0] < 0
+    assert 0 < flipped.sum() < 32  # both cases occur
+    assert torch.allclose(y, torch.where(flipped[:, None, None, None], x.flip(-1), x), atol=2e-6)
+    y, prm = _ada(x, rotate90=1)
+    k = (torch.round(torch.atan2(prm['geom'][:, 1, 0], prm['geom'][:, 0, 0]) / (math.pi / 2)) % 4).long()
+    assert set(k.tolist()) == {0, 1, 2, 3}
+    for i in range(32):  # torch.rot90 k=1: out[y, x] = in[x, W - 1 - y]
+        assert torch.allclose(y[i], torch.rot90(x[i], int(k[i]), (1, 2)), atol=2e-6), i
+    y, prm = _ada(x, xint=1)
+    t = torch.round(-prm['geom'][:, :2, 2] * 16 / 2).long()  # [n, (x, y)] whole pixels: out[i] = in[i - t]
+    assert t.abs().max() == 2 and (t != 0).any(1).sum() > 16  # |t| <= round(0.125 x 16)
+    mirror = lambda j: torch.where(j < 0, -j - 1, torch.where(j > 15, 31 - j, j))  # d c b a | a b c d (edge repeated)
+    for i in range(32):
+        rows, cols = mirror(torch.arange(16) - t[i, 1]), mirror(torch.arange(16) - t[i, 0])
+        assert torch.allclose(y[i], x[i][:, rows][:, :, cols], atol=2e-6), i
+
+
+def test_aug_colour_transforms_follow_their_matrix_formulas():
+    """Each colour transform alone at p = 1 on 2000 random colours: the output is the hand-written
+    formula with one parameter per image, and the parameters follow the official ranges."""
+    n = 2000
+    x = torch.rand(n, 3, 2, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    v = torch.ones(3) / math.sqrt(3)  # the luma axis
+    luma = lambda z: (z * v[:, None, None]).sum(1, keepdim=True)  # [n, 1, h, w]: the component along v
+    y, _ = _ada(x, brightness=1)  # out = x + b, b ~ N(0, 0.2)
+    b = (y - x)[:, 0, 0, 0]
+    assert torch.allclose(y, x + b[:, None, None, None], atol=1e-6) and b.std().item() == pytest.approx(0.2, rel=0.06)
+    y, _ = _ada(x, contrast=1)  # out = c x, log2 c ~ N(0, 0.5)
+    c = (y / x)[:, 0, 0, 0]
+    assert torch.allclose(y, x * c[:, None, None, None], atol=1e-5) and torch.log2(c).std().item() == pytest.approx(0.5, rel=0.06)
+    y, _ = _ada(x, lumaflip=1)  # half the images: out = x - 2 (v . x) v (luma negated, chroma kept)
+    flipped = ~torch.isclose(y, x, atol=1e-6).flatten(1).all(1)
+    want = torch.where(flipped[:, None, None, None], x - 2 * luma(x) * v[:, None, None], x)
+    assert torch.allclose(y, want, atol=1e-6) and 0.45 < flipped.float().mean() < 0.55
+    y, _ = _ada(x, hue=1)  # Rodrigues about v: out = x cos t + (v x x) sin t + v (v . x)(1 - cos t), t ~ U(-pi, pi)
+    chroma = lambda z: z - luma(z) * v[:, None, None]
+    c0, c1 = chroma(x)[..., 0, 0], chroma(y)[..., 0, 0]  # [n, 3]
+    cos = (c0 * c1).sum(1) / c0.square().sum(1)
+    sin = (torch.linalg.cross(c0, c1) @ v) / c0.square().sum(1)
+    t = torch.atan2(sin, cos)[:, None, None, None]
+    cross = torch.linalg.cross(v.expand(n, 2, 2, 3), x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    want = x * torch.cos(t) + cross * torch.sin(t) + luma(x) * v[:, None, None] * (1 - torch.cos(t))
+    assert torch.allclose(y, want, atol=1e-5) and t.abs().mean().item() == pytest.approx(math.pi / 2, rel=0.05)
+    y, _ = _ada(x, saturation=1)  # out = luma + s (x - luma), log2 s ~ N(0, 1)
+    s = (chroma(y)[:, :, 0, 0].norm(dim=1) / chroma(x)[:, :, 0, 0].norm(dim=1))
+    want = luma(x) * v[:, None, None] + s[:, None, None, None] * chroma(x)
+    assert torch.allclose(y, want, atol=1e-4) and torch.log2(s).std().item() == pytest.approx(1, rel=0.06)
+    y, _ = _ada(x, p=0.3, brightness=1)  # each transform applies with probability p
+    assert (~torch.isclose(y, x).flatten(1).all(1)).float().mean().item() == pytest.approx(0.3, abs=0.04)
+
+
+def test_aug_composed_geometric_matrix_equals_transforms_one_by_one():
+    """warp through the product of the inverse matrices = warping once per transform, within the
+    resampling error (smooth images, the centre, away from the mirrored borders); and ada_params's
+    general transforms have the official kinds: scale (isotropic), rotation, anisotropic (det 1), shift."""
+    x = _aug_images(8, 32)
+    eye = lambda: torch.eye(3).repeat(8, 1, 1)
+    reverse = eye()
+    theta = torch.linspace(-0.3, 0.3, 8)
+    s = torch.linspace(0.9, 1.1, 8)
+    steps = [model._scale(1 / s, 1 / s), model._rotate(torch.cos(theta), torch.sin(theta)), model._scale(s, 1 / s),
+             model._translate(torch.full([8], 0.05), torch.full([8], -0.03))]
+    one_by_one, M = x, eye()
+    for T in steps:  # a transform applied after the others: its inverse composes on the right
+        one_by_one, M, reverse = model.warp(one_by_one, T), M @ T, T @ reverse
+    once = model.warp(x, M)
+    centre = (slice(None), slice(None), slice(8, 24), slice(8, 24))
+    err = (once - one_by_one)[centre].abs()
+    assert err.max() < 0.03 and err.mean() < 0.005
+    assert (once - x)[centre].abs().mean() > 20 * err.mean()  # the transform itself is far larger than the error
+    assert (model.warp(x, reverse) - one_by_one)[centre].abs().max() > 0.1  # the other order is another transform
+    for key, check in [('scale', lambda m: torch.allclose(m[:, 0, 0], m[:, 1, 1]) and (m[:, 0, 1] == 0).all()),
+                       ('aniso', lambda m: torch.allclose(torch.linalg.det(m[:, :2, :2]), torch.ones(8))),
+                       ('rotate', lambda m: torch.allclose(m[:, :2, :2] @ m[:, :2, :2].transpose(1, 2), torch.eye(2).expand(8, 2, 2), atol=1e-6)),
+                       ('xfrac', lambda m: torch.equal(m[:, :2, :2], torch.eye(2).expand(8, 2, 2)))]:
+        _, prm = _ada(x, **{key: 1})
+        assert prm['geom_on'].all() and check(prm['geom']), key
+
+
+def test_aug_gradients_are_exact_and_reach_g_through_every_augmentation():
+    x = _aug_images(2, 8).double().requires_grad_(True)
+    g = lambda: torch.Generator().manual_seed(5)
+    for prm in [model.ada_params(g(), 2, 1.0, (8, 8)),
+                *(model.diffaug_params(g(), 2, [p], (8, 8)) for p in model.DIFFAUG_POLICIES)]:
+        assert torch.autograd.gradcheck(lambda z: model.augment(z, prm), (x,), eps=1e-6, atol=1e-5)
+    G, D = tiny()
+    z = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    for prm in [model.ada_params(g(), 4, 1.0, (16, 16)), model.diffaug_params(g(), 4, list(model.DIFFAUG_POLICIES), (16, 16))]:
+        G.zero_grad()
+        D(model.augment(G(z), prm)).sum().backward()
+        grads = [p.grad for p in G.synthesis.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(gr).all() for gr in grads) and sum(gr.abs().sum() for gr in grads) > 0
+
+
+def test_diffaugment_by_hand():
+    x = _aug_images(64)
+    prm = model.diffaug_params(torch.Generator().manual_seed(0), 64, ['color'], (16, 16))
+    b, s, c = (prm[k][:, None, None, None] for k in ('brightness', 'saturation', 'contrast'))
+    assert prm['brightness'].abs().max() <= 0.5 and 0 <= prm['saturation'].min() and prm['saturation'].max() <= 2
+    assert 0.5 <= prm['contrast'].min() and prm['contrast'].max() <= 1.5
+    y1 = x + b
+    y2 = (y1 - y1.mean(1, keepdim=True)) * s + y1.mean(1, keepdim=True)
+    assert torch.allclose(model.augment(x, prm), (y2 - y2.mean([1, 2, 3], keepdim=True)) * c + y2.mean([1, 2, 3], keepdim=True), atol=1e-6)
+    prm = model.diffaug_params(torch.Generator().manual_seed(0), 64, ['translation'], (16, 16))
+    assert set(prm['shift'].flatten().tolist()) == set(range(-2, 3))  # 1/8 of 16
+    y = model.augment(x, prm)
+    for i in range(64):
+        ty, tx = prm['shift'][i].tolist()
+        for r in range(16):
+            for col in (0, 7, 15):
+                inside = 0 <= r + ty < 16 and 0 <= col + tx < 16
+                assert y[i, :, r, col].tolist() == (x[i, :, r + ty, col + tx].tolist() if inside else [0.0] * 3)
+    prm = model.diffaug_params(torch.Generator().manual_seed(0), 64, ['cutout'], (16, 16))
+    y = model.augment(x, prm)
+    for i in range(64):
+        y0, x0 = prm['cutout'][i].tolist()
+        hole = torch.zeros(16, 16, dtype=torch.bool)
+        hole[max(y0, 0):y0 + 8, max(x0, 0):x0 + 8] = True  # half the size, clipped by the borders
+        assert torch.equal(y[i], x[i] * ~hole)
+    with pytest.raises(ValueError, match="unknown DiffAugment policy 'colour'"):
+        model.diffaug_params(torch.Generator(), 2, ['colour'], (16, 16))
+
+
+def test_gradcam_alignment_heatmaps_move_with_the_augmented_fakes(tmp_path, monkeypatch):
+    """EqGAN-SA Eq. 4 under augmentation: GradCAM is taken on the augmented fakes, so the target
+    heatmaps go through the same geometric transform (warp_maps), at every level's resolution: exact
+    for flips and quarter turns; DiffAugment's translation moves them too. In training, the heatmaps
+    the alignment loss gets are the step's heatmaps moved by the parameters that augmented the fakes."""
+    h = {4: torch.rand(32, 1, 4, 4), 8: torch.rand(32, 2, 8, 8), 'centers': torch.rand(32, 7, 2)}
+    _, prm = _ada(_aug_images(32), rotate90=1, xflip=1)
+    moved = model.warp_maps(h, prm)
+    assert moved['centers'] is h['centers']
+    for i in range(32):
+        for k in (4, 8):  # one of the 8 symmetries of the square
+            cands = [torch.rot90(m, j, (1, 2)) for m in (h[k][i], h[k][i].flip(-1)) for j in range(4)]
+            assert any(torch.allclose(moved[k][i], c, atol=1e-6) for c in cands), (i, k)
+        img = F.interpolate(h[8][i:i + 1, :1], scale_factor=2, mode='nearest').expand(1, 3, 16, 16)
+        img_moved = model.augment(img, {k: v[i:i + 1] for k, v in prm.items()})[:, :1]
+        assert torch.allclose(F.interpolate(moved[8][i:i + 1, :1], scale_factor=2, mode='nearest'), img_moved, atol=1e-6)
+    prm = model.diffaug_params(torch.Generator().manual_seed(0), 32, ['translation'], (16, 16))
+    big = h[8][:, :1].repeat_interleave(2, -1).repeat_interleave(2, -2)  # [32, 1, 16, 16]
+    moved = model.warp_maps({16: big}, prm)[16]
+    img = model.augment(big.expand(32, 3, 16, 16), prm)[:, :1]
+    inside = img != 0  # DiffAugment fills with zeros where the maps mirror
+    assert inside.float().mean() > 0.7 and torch.allclose(moved[inside], img[inside], atol=1e-6)
+    # training: capture the parameters of the first augmentation in Gmain (the fakes') and the maps Eq. 4 gets
+    seen, real_augment, real_align = {}, model.augment, losses.align_loss_official
+    monkeypatch.setattr(model, 'augment', lambda x, prm: seen.setdefault('prm', prm) and real_augment(x, prm))
+    monkeypatch.setattr(losses, 'align_loss_official', lambda logits, maps, heat, tau: seen.setdefault('heat', heat)
+                        and real_align(logits, maps, heat, tau))
+    real_sample = model.Generator.sample_heatmaps
+    drawn = []  # the snapshot grid's 32, then Gmain's 8
+    monkeypatch.setattr(model.Generator, 'sample_heatmaps', lambda self, *a: drawn.append(real_sample(self, *a)) or drawn[-1])
+    run_train(tmp_path, '--kimg', '0.008', '--sel', 'norm', '--aug', 'fixed', '--aug-p', '1', '--gamma', '0')
+    want = model.warp_maps(next(h for h in drawn if h['b8'].shape[0] == 8), seen['prm'])
+    assert seen['prm']['geom_on'].any()
+    assert all(torch.equal(seen['heat'][k], want[k]) for k in want)
+
+
+def test_ada_p_controller_by_hand(tmp_path, monkeypatch):
+    """7 steps, --ada-interval 3: p moves after steps 0, 3, 6 by sign(r_t - target) x 8 x 3 /
+    (ada_kimg x 1000), clamped at 0, with r_t the mean sign of every real logit since the previous move
+    (Dmain's each step, and R1's pass every 2 steps), all as computed here from the logits D gave."""
+    signs, real_d_loss, real_r1 = [], losses.d_loss, losses.r1_penalty
+    monkeypatch.setattr(losses, 'd_loss', lambda kind, r, f: signs.append(('main', r.detach().sign())) or real_d_loss(kind, r, f))
+    monkeypatch.setattr(losses, 'r1_penalty', lambda x, r: signs.append(('r1', r.detach().sign())) or real_r1(x, r))
+    out = run_train(tmp_path, '--kimg', '0.056', '--aug', 'ada', '--ada-interval', '3', '--ada-kimg', '0.2',
+                    '--ada-target', '0.1', '--r1-interval', '2')
+    per_step = [[] for _ in range(7)]
+    step = -1
+    for kind, s in signs:  # Dmain opens each step
+        step += kind == 'main'
+        per_step[step].append(s)
+    p, since, want = 0.0, [], []
+    for step in range(7):
+        since += per_step[step]
+        if step % 3 == 0:
+            r_t = torch.cat(since).mean().item()
+            p = max(0.0, p + np.sign(r_t - 0.1) * 8 * 3 / 200)
+            since = []
+        want.append(p)
+    lines = [r for r in map(json.loads, open(f'{out}/log.jsonl')) if 'aug/p' in r]
+    assert [r['aug/p'] for r in lines] == pytest.approx(want, abs=1e-6)
+    assert len(set(want)) > 1  # p moved
+    assert [r['D/rt'] for r in lines] == pytest.approx([per_step[i][0].mean().item() for i in range(7)], abs=1e-4)
+    ck = load(glob.glob(f'{out}/ckpt-*.pt')[-1])
+    assert ck['aug_p'].item() == pytest.approx(want[-1])
+    assert ck['ada_signs'].tolist() == [0.0, 0.0]  # step 6 moved p
+
+
+def test_ada_p_survives_a_stop_and_resume_exactly(tmp_path):
+    """A checkpoint in the middle of an adjustment interval: the resumed run holds the same p, the same
+    partial sign sums and the same weights as the uninterrupted one."""
+    common = ['--aug', 'ada', '--ada-interval', '3', '--ada-kimg', '0.1', '--ada-target', '-1', '--snap-kimg', '0.024']
+    a = run_train(tmp_path, '--kimg', '0.048', *common, name='a')
+    b = run_train(tmp_path, '--kimg', '0.024', *common, name='b')
+    assert load(f'{b}/ckpt-0000003.pt')['ada_signs'][1] > 0  # stopped with signs counted towards the next move
+    run_train(tmp_path, '--kimg', '0.048', *common, name='b')
+    ca, cb = load(f'{a}/ckpt-0000006.pt'), load(f'{b}/ckpt-0000006.pt')
+    assert_same_state(ca, cb)
+    assert torch.equal(ca['aug_p'], cb['aug_p']) and torch.equal(ca['ada_signs'], cb['ada_signs']) and ca['aug_p'] > 0
+
+
+def test_ddp_two_processes_with_ada_match_one(tmp_path):
+    """2 gloo processes == 1 with --aug ada: the augmentation's parameters are drawn for the global batch,
+    r_t sums every process's signs, so p moves alike; R1 and the references (--d-attn ref) go through
+    the augmentation too."""
+    common = TINY_FLAGS + ['--kimg', '0.032', '--snap-kimg', '1', '--aug', 'ada', '--ada-interval', '2', '--ada-kimg', '0.05',
+                           '--ada-target', '-1', '--r1-interval', '2', '--gamma', '1', '--d-attn', 'ref']  # -1: p rises
+    torchrun(common + ['--out', str(tmp_path / 'ddp')], 2, tmp_path)
+    train.main(common + ['--out', str(tmp_path / 'one')])
+    a, b = load(glob.glob(f'{tmp_path}/ddp/ckpt-*.pt')[0]), load(glob.glob(f'{tmp_path}/one/ckpt-*.pt')[0])
+    assert_same_state(a, b, atol=1e-4, skip=['mapping.w_avg'])
+    assert a['aug_p'].item() == pytest.approx(b['aug_p'].item()) and b['aug_p'] > 0
+    logs = [[json.loads(line) for line in open(f'{tmp_path}/{name}/log.jsonl')] for name in ('ddp', 'one')]
+    assert [r['aug/p'] for r in logs[0]] == pytest.approx([r['aug/p'] for r in logs[1]])
+    assert [r['D/rt'] for r in logs[0]] == pytest.approx([r['D/rt'] for r in logs[1]])
+
+
+# images per phase: Gmain (fakes, references, the contrastive loss's reals), Dmain (fakes, reals, references),
+# the WGAN-GP interpolates, Dreg (reals, references)
+@pytest.mark.parametrize('extra, batches', [
+    (['--aug', 'diffaug', '--loss', 'wgan'], 1 + 2 + 1 + 1),
+    (['--aug', 'fixed', '--aug-p', '0.5', '--loss', 'contrastive', '--warmup-kimg', '0', '--d-attn', 'ref'], 3 + 3 + 0 + 2)])
+def test_augmented_training_runs_every_phase(tmp_path, monkeypatch, extra, batches):
+    """Every image D sees passes through the augmentation, in every phase."""
+    calls, real_augment = [], model.augment
+    monkeypatch.setattr(model, 'augment', lambda x, prm: calls.append(x.shape[0]) or real_augment(x, prm))
+    run_train(tmp_path, '--kimg', '0.008', '--gamma', '1', '--r1-interval', '1', *extra)  # 1 step, every phase
+    assert len(calls) == batches and set(calls) == {8}
+
+
+def test_freeze_d_keeps_the_first_blocks(tmp_path):
+    out = run_train(tmp_path, '--kimg', '0.016', '--snap-kimg', '0.008', '--freeze-d', '1', '--gamma', '1', '--r1-interval', '1')
+    c1, c2 = load(f'{out}/ckpt-0000001.pt'), load(f'{out}/ckpt-0000002.pt')
+    G, D = tiny()  # the initial weights of seed 0
+    for k, v in c2['D'].items():
+        if k.startswith('b16.'):  # the block at the image: never trained
+            assert torch.equal(v, D.state_dict()[k]) and torch.equal(v, c1['D'][k]), k
+    assert not torch.equal(c2['D']['b8.conv0.weight'], c1['D']['b8.conv0.weight'])
+
+
+def test_holdout_diagnostics_by_hand(tmp_path):
+    """--holdout 8 with --max-images 16: D's mean outputs on training images 0-7 and on images 16-23 of
+    the built-in set (never trained on), logged at each evaluation and drawn by metrics.py --plot."""
+    out = run_train(tmp_path, '--kimg', '0.016', '--max-images', '16', '--holdout', '8', '--metrics-kimg', '0.016')
+    rec = [r for r in map(json.loads, open(f'{out}/log.jsonl')) if 'metrics' in r][-1]
+    ck = load(glob.glob(f'{out}/ckpt-*.pt')[-1])
+    _, D = tiny()
+    D.load_state_dict(ck['D'])
+    full = data.SyntheticShapes(16, 24, 0)
+    with torch.no_grad():
+        for key, idx in (('train', range(8)), ('heldout', range(16, 24))):
+            x = torch.stack([full[i] for i in idx]).float() / 127.5 - 1
+            assert rec['metrics']['overfit'][key] == pytest.approx(D(x).mean().item(), abs=1e-5), key
+    assert math.isfinite(rec['metrics']['overfit']['fake'])
+    sys_argv = sys.argv
+    try:
+        sys.argv = ['metrics.py', '--plot', f'{out}/log.jsonl', '--keys', 'overfit,D/rt', '--out', str(tmp_path / 'p.png')]
+        metrics.main()
+    finally:
+        sys.argv = sys_argv
+    img = np.asarray(Image.open(tmp_path / 'p.png'))
+    assert (img == (214, 39, 40)).all(-1).sum() > 20  # the 4th series (D/rt) drawn after the 3 of 'overfit'
+
+
+def test_aug_and_limited_data_flags_give_one_line_errors(tmp_path, capsys):
+    out = str(tmp_path / 'r')
+    for extra, needles in [
+            (['--aug', 'fixed', '--aug-p', '1.5'], ['--aug-p 1.5 must lie in [0, 1]']),
+            (['--aug', 'diffaug', '--diffaug', 'color,colour'], ["no policy 'colour'", 'color, translation, cutout']),
+            (['--aug-p', '0.5'], ['--aug-p does nothing without --aug fixed']),
+            (['--aug', 'ada', '--aug-p', '0.5'], ['--aug-p does nothing without --aug fixed']),
+            (['--aug', 'fixed'], ['--aug fixed needs --aug-p']),
+            (['--ada-target', '0.5'], ['--ada-target does nothing without --aug ada']),
+            (['--aug', 'ada', '--ada-kimg', '0'], ['--ada-kimg 0 must be positive']),
+            (['--aug', 'ada', '--ada-target', '1.5'], ['--ada-target 1.5 must lie in [-1, 1]']),
+            (['--aug', 'ada', '--ada-interval', '0'], ['--ada-interval 0 must be at least 1']),
+            (['--diffaug', 'color'], ['--diffaug does nothing without --aug diffaug']),
+            (['--holdout', '12'], ['--holdout 12 is not a multiple of --batch 8']),
+            (['--holdout', '8', '--cond'], ['--holdout does not support --cond']),
+            (['--freeze-d', '-1'], ['--freeze-d -1 must be at least 0']),
+            (['--freeze-d', '3'], ['--freeze-d 3: this D has 2 blocks'])]:
+        expect_error(capsys, TINY_FLAGS + ['--out', out, '--kimg', '0.008', *extra], *needles)
+    root = tmp_path / 'imgs'
+    root.mkdir()
+    for i in range(20):
+        Image.fromarray(np.full((16, 16, 3), i, np.uint8)).save(root / f'{i:02d}.png')
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--data', str(root), '--max-images', '16', '--holdout', '8'],
+                 '--holdout 8: ', 'has 20 usable images', '--max-images 12')

@@ -153,6 +153,22 @@ def make_parser():
     a('--align-interval', type=int, default=1,
       help='EqGAN-SA: alignment loss every N G steps with weight x N (lazy, like R1; 1 = every step, the paper)')
     a('--no-align', action='store_true', help='SEL without the GradCAM alignment loss (Table 1: "+SEL")')
+    # augmentation of D's inputs and limited data (ADA: Karras et al., NeurIPS 2020; DiffAugment: Zhao et al., NeurIPS 2020)
+    a('--aug', default='none', choices=model.AUG_KINDS,
+      help="augment every image D sees: 'ada' (the official 'bgc' pipeline, p adapted to --ada-target), 'fixed' (bgc at "
+           "--aug-p), 'diffaug' (DiffAugment, --diffaug), or 'none' (the papers' runs)")
+    a('--aug-p', type=float, help='--aug fixed: the probability of each bgc transform, in [0, 1]')
+    a('--ada-target', type=float, default=0.6, help='--aug ada: the target of r_t = E[sign(D(real))] (official: 0.6)')
+    a('--ada-interval', type=int, default=4, help='--aug ada: adjust p every N steps (official: 4)')
+    a('--ada-kimg', type=float, default=500, help='--aug ada: kimg for p to move by 1 (official: 500; 100 when fine-tuning)')
+    a('--diffaug', default='color,translation,cutout',
+      help=f'--aug diffaug: comma list of policies, applied in that order ({", ".join(model.DIFFAUG_POLICIES)})')
+    a('--freeze-d', type=int, default=0, help="Freeze-D (Mo et al. 2020): D's first N blocks from the image side keep "
+                                              'their weights (with --init; the official --freezed counts layers)')
+    a('--holdout', type=int, default=0,
+      help="D-overfitting diagnostics: N real images the run never trains on (the N after the training set, e.g. "
+           "--max-images 1000 --holdout 1000); D's mean output on them, on N training images and on N fakes, at every "
+           'metrics evaluation (a multiple of --batch)')
     # speed
     a('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='autocast the main phases')
     a('--compile', action='store_true', help='torch.compile G and D for the main phases')
@@ -224,14 +240,15 @@ def check_args(args, world, device):
     # --kimg before --lr-decay-kimg, whose range it sets.
     for keys, ok, want in [
             ('kimg', lambda v: v > 0, 'be positive (the length of the run in thousands of images)'),
-            ('lr snap_kimg metrics_kimg', lambda v: v > 0, 'be positive'),
+            ('lr snap_kimg metrics_kimg ada_kimg', lambda v: v > 0, 'be positive'),
             ('lr_decay_kimg', lambda v: 0 <= v <= args.kimg, f'lie in [0, --kimg {args.kimg:g}]'),
             ('beta1 beta2', lambda v: 0 <= v < 1, 'lie in [0, 1)'),
-            ('style_mix align_tau', lambda v: 0 <= v <= 1, 'lie in [0, 1]'),
-            ('gamma pl_weight ema_kimg ema_rampup align_weight warmup_kimg log_sec workers seed bench_steps',
+            ('style_mix align_tau aug_p', lambda v: 0 <= v <= 1, 'lie in [0, 1]'),
+            ('ada_target', lambda v: -1 <= v <= 1, 'lie in [-1, 1], as r_t = E[sign(D(real))]'),
+            ('gamma pl_weight ema_kimg ema_rampup align_weight warmup_kimg log_sec workers seed bench_steps freeze_d holdout',
              lambda v: v >= 0, 'be at least 0'),
             ('batch max_images num_gen mbstd_group z_dim w_dim map_layers channel_base channel_max n_dis keep '
-             'r1_interval pl_interval align_interval', lambda v: v >= 1, 'be at least 1')]:
+             'r1_interval pl_interval align_interval ada_interval', lambda v: v >= 1, 'be at least 1')]:
         for key in keys.split():
             v = getattr(args, key)
             if v is not None and not (math.isfinite(v) and ok(v)):
@@ -244,6 +261,17 @@ def check_args(args, world, device):
     b = args.batch // world
     if stylegan and b % min(args.mbstd_group, b):
         raise UserError(f'per-process batch {b} is not a multiple of --mbstd-group {args.mbstd_group}; change one of them')
+    unknown = [k for k in args.diffaug.split(',') if k not in model.DIFFAUG_POLICIES]
+    if unknown:
+        raise UserError(f'--diffaug {args.diffaug}: no policy {unknown[0]!r}; use a comma list of '
+                        f'{", ".join(model.DIFFAUG_POLICIES)}')
+    if args.aug == 'fixed' and args.aug_p is None:
+        raise UserError('--aug fixed needs --aug-p P (the probability of each transform, e.g. 0.2); or use --aug ada')
+    if args.holdout and args.holdout % args.batch:
+        raise UserError(f'--holdout {args.holdout} is not a multiple of --batch {args.batch} (D sees it in whole batches); '
+                        f'use e.g. {args.holdout // args.batch * args.batch or args.batch}')
+    if args.holdout and args.cond:
+        raise UserError('--holdout does not support --cond yet (D would need the labels of the held-out images); drop one')
     for name in args.metrics.split(','):
         if name not in ('', 'none'):
             try:
@@ -273,7 +301,10 @@ def check_args(args, world, device):
             ('d_attn_res', args.d_attn != 'none', '--d-attn self (or ref)'),
             ('ref_attn_eq', args.d_attn == 'ref', '--d-attn ref'),
             ('r1_interval', stylegan or args.gamma > 0, 'a positive --gamma'),
-            ('num_gen', args.metrics not in ('', 'none'), '--metrics')]:
+            ('num_gen', args.metrics not in ('', 'none'), '--metrics'),
+            ('aug_p', args.aug == 'fixed', '--aug fixed (--aug ada adapts p itself)'),
+            *((k, args.aug == 'ada', '--aug ada') for k in ('ada_target', 'ada_interval', 'ada_kimg')),
+            ('diffaug', args.aug == 'diffaug', '--aug diffaug')]:
         if getattr(args, key) != default(key) and not active:
             raise UserError(f'--{key.replace("_", "-")} does nothing without {needs}; add that or drop the flag')
     if args.amp == 'fp16' and device.type != 'cuda':
@@ -670,6 +701,8 @@ def train(args, rank, world, device, init=None):
     stylegan = args.arch == 'stylegan2'
     dataset = data.make_dataset(None if bench else args.data, args.resolution, args.max_images, args.seed, args.skip_bad,
                                 labels=args.cond)
+    held = (data.make_holdout(args.data, args.resolution, len(dataset), args.holdout, args.seed, args.skip_bad)
+            if args.holdout and not bench else None)  # D-overfitting diagnostics: reals the run never trains on
     if args.warmup_kimg is None:  # thesis Sec. 2.4: "about 20 epochs"
         args.warmup_kimg = 20 * len(dataset) / 1000
     args.c_dim = dataset.num_classes if args.cond else 0
@@ -685,6 +718,12 @@ def train(args, rank, world, device, init=None):
     except ValueError as e:  # an impossible architecture flag, e.g. --g-attn-res 12
         raise UserError(str(e)) from None
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    # Freeze-D (Mo et al. 2020): the first --freeze-d blocks of D, from the image side, never train
+    d_blocks = [getattr(D, f'b{r}') for r in D.res_list] if stylegan else list(D.stages.values())
+    if args.freeze_d > len(d_blocks):
+        raise UserError(f'--freeze-d {args.freeze_d}: this D has {len(d_blocks)} blocks before its output layers; '
+                        f'freeze at most {len(d_blocks)}')
+    frozen = [p for block in d_blocks[:args.freeze_d] for p in block.parameters()]
     resume = None if bench else resolve_resume(args, rank, world)
     if init and not resume:
         for net, key in [(G, 'G'), (D, 'D'), (G_ema, 'G_ema')]:
@@ -706,6 +745,10 @@ def train(args, rank, world, device, init=None):
     scaler_G = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     scaler_D = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     pl_mean = torch.zeros([], device=device)
+    # ADA's p (a device tensor: adjusting it needs no host sync) and the sum and count of sign(D(real)) since its
+    # last adjustment; both in the checkpoint, so a resumed run adjusts p exactly as the uninterrupted one
+    aug_p = torch.tensor(args.aug_p or 0.0, device=device)
+    ada_signs = torch.zeros(2, device=device)
     step = nimg = 0
     seconds = 0.0  # the run's time before this process: the parts before its resumes
 
@@ -722,6 +765,9 @@ def train(args, rank, world, device, init=None):
                 if ckpt[key]:  # empty from a run without fp16: a switch to --amp fp16 starts a new scale
                     scaler.load_state_dict(ckpt[key])
             pl_mean.copy_(ckpt['pl_mean'])
+            if args.aug == 'ada' and 'aug_p' in ckpt:  # (a run that did not adapt p starts ADA at 0)
+                aug_p.copy_(ckpt['aug_p'])
+                ada_signs.copy_(ckpt['ada_signs'])
             step, nimg = ckpt['step'], ckpt['nimg']
             seconds = ckpt.get('seconds', 0.0)  # checkpoints before it was saved: this part's time only
         except (KeyError, RuntimeError, ValueError) as e:
@@ -802,6 +848,23 @@ def train(args, rank, world, device, init=None):
         s = stats.setdefault(name, [0, 0])
         s[0], s[1] = s[0] + value.detach().float(), s[1] + 1
 
+    policies = args.diffaug.split(',')
+
+    def aug_params(gen, total=B):  # fresh augmentation parameters for a global batch; this process's slice
+        prm = (model.diffaug_params(gen, total, policies, (args.resolution,) * 2, device) if args.aug == 'diffaug' else
+               model.ada_params(gen, total, aug_p, (args.resolution,) * 2, device=device))
+        return {k: mine(v) if torch.is_tensor(v) else v for k, v in prm.items()}
+
+    def aug(gen, x):  # an image batch D is about to see (reals, fakes, references), augmented
+        return x if args.aug == 'none' or x is None else model.augment(x, aug_params(gen))
+
+    def count_signs(signs):  # --aug ada: add sign(D(real)) [b] to the sums over all processes (the same everywhere,
+        if args.aug == 'ada':  # so that any process's checkpoint resumes every one of them)
+            s = torch.stack([signs.sum(), torch.tensor(float(signs.numel()), device=device)])
+            if world > 1:
+                dist.all_reduce(s)
+            ada_signs.add_(s)
+
     def train_step(step, batch, ref_u8):  # batch: the loader's images (and labels, with --cond)
         gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
         real_u8, real_labels = batch if args.cond else (batch, None)
@@ -815,11 +878,16 @@ def train(args, rank, world, device, init=None):
                 torch.cuda.synchronize(device)
             timings[name] = time.perf_counter()
 
-        def begin(name, net, opt):  # only the phase's network takes gradients
-            tic(name)
-            set_tf32(args.tf32 == 'all' or args.tf32 == 'main' and name.endswith('main'))
+        def train_only(net):  # only `net` takes gradients, Freeze-D's blocks never
             G.requires_grad_(net is G)
             D.requires_grad_(net is D)
+            for p in frozen:
+                p.requires_grad_(False)
+
+        def begin(name, net, opt):
+            tic(name)
+            set_tf32(args.tf32 == 'all' or args.tf32 == 'main' and name.endswith('main'))
+            train_only(net)
             opt.zero_grad(set_to_none=True)
 
         g_step, g_index = step % args.n_dis == 0, step // args.n_dis  # G trains every n_dis-th step
@@ -830,24 +898,31 @@ def train(args, rank, world, device, init=None):
             align_now = align and g_index % args.align_interval == 0
             with amp:
                 fake = G_main(**lat, **w_avg)
+                heatmaps = lat['heatmaps']
+                if args.aug != 'none':  # G learns through the augmentation D sees
+                    prm = aug_params(gen)
+                    fake = model.augment(fake, prm)
+                    if align_now:  # Eq. 4 compares GradCAM on the augmented fakes with the heatmaps moved likewise
+                        heatmaps = model.warp_maps(heatmaps, prm)
+                ref_g = aug(gen, ref)
                 if align_now:  # one D pass for both losses; the eager D: GradCAM's double backward (graph)
                     with cam_amp:
-                        fake_logits, maps = D(fake, ref, return_maps=True, c=lat.get('c'))
+                        fake_logits, maps = D(fake, ref_g, return_maps=True, c=lat.get('c'))
                 else:
-                    fake_logits = D_main(fake, ref, c=lat.get('c'))
+                    fake_logits = D_main(fake, ref_g, c=lat.get('c'))
                 real_logits = None
                 if kind == 'contrastive':  # kept with its graph for Dmain where D cannot change before it
-                    D.requires_grad_(reuse_real)
-                    kept = D_main(real, ref, c=c_real)
-                    D.requires_grad_(False)
+                    train_only(D if reuse_real else G)
+                    kept = D_main(aug(gen, real), ref_g, c=c_real)
+                    train_only(G)
                     real_logits = kept.detach()
                     kept = kept if reuse_real else None
                 loss = losses.g_loss(kind, fake_logits, real_logits, args.g_form)
             record('G/loss', loss)
             if align_now:  # EqGAN-SA Eq. 4 (--eqgan official: as the authors' code computes it)
-                l_align = (losses.align_loss_official(fake_logits, maps, lat['heatmaps'], args.align_tau)
+                l_align = (losses.align_loss_official(fake_logits, maps, heatmaps, args.align_tau)
                            if args.eqgan == 'official' else
-                           losses.align_loss(fake_logits, maps, lat['heatmaps'], args.align_tau, args.align_truncation,
+                           losses.align_loss(fake_logits, maps, heatmaps, args.align_tau, args.align_truncation,
                                              args.cam_weights))
                 record('G/align', l_align)
                 loss = loss + args.align_weight * args.align_interval * l_align
@@ -870,15 +945,20 @@ def train(args, rank, world, device, init=None):
         with amp:
             with torch.no_grad():
                 fake = G_main(**lat, **w_avg)
+            fake_d, real_d, ref_d = aug(gen, fake), (aug(gen, real) if kept is None else None), aug(gen, ref)
             if D.needs_ref and b % args.mbstd_group == 0:  # one pass of the references for both (same mbstd groups)
                 both = torch.cat([lat['c'], c_real]) if args.cond else None
-                fake_logits, real_logits = D_main(torch.cat([fake, real]), ref, c=both).chunk(2)
+                fake_logits, real_logits = D_main(torch.cat([fake_d, real_d]), ref_d, c=both).chunk(2)
             else:
-                fake_logits = D_main(fake, ref, c=lat.get('c'))
-                real_logits = kept if kept is not None else D_main(real, ref, c=c_real)
+                fake_logits = D_main(fake_d, ref_d, c=lat.get('c'))
+                real_logits = kept if kept is not None else D_main(real_d, ref_d, c=c_real)
             loss = losses.d_loss(kind, real_logits, fake_logits)
-        if kind == 'wgan':
-            gp = losses.wgan_gp(D, real, fake, ref, mine(torch.rand([B, 1, 1, 1], generator=gen, device=device)), c_real).mean()
+        signs = real_logits.detach().float().sign()  # r_t (ADA Sec. 3): the share of reals D calls real, as -1..1
+        count_signs(signs)
+        if kind == 'wgan':  # the penalty's interpolates go through the augmentation too (its gradient: before it)
+            t = mine(torch.rand([B, 1, 1, 1], generator=gen, device=device))
+            D_aug = (lambda x, **kw: D(aug(gen, x), **kw)) if args.aug != 'none' else D
+            gp = losses.wgan_gp(D_aug, real, fake, ref_d, t, c_real).mean()
             record('D/gp', gp)
             loss = loss + 10 * gp
         record('D/loss', loss)
@@ -886,6 +966,7 @@ def train(args, rank, world, device, init=None):
         record('D/fake', fake_logits.mean())
         record('D/std', torch.cat([real_logits, fake_logits]).float().std())  # the logits' scale
         record('D/acc', (real_logits[:, None] > fake_logits[None, :]).float().mean())  # share of (real, fake) pairs ranked right
+        record('D/rt', signs.mean())
         # EqGAN-SA Fig. 1: min D score of reals vs max D score of fakes since the last log line
         r_min, f_max = real_logits.detach().min().float(), fake_logits.detach().max().float()
         extremes['D/real_min'] = torch.minimum(extremes.get('D/real_min', r_min), r_min)
@@ -897,8 +978,10 @@ def train(args, rank, world, device, init=None):
         # Dreg: R1 every r1_interval steps, weight gamma / 2 x interval
         if args.gamma > 0 and step % args.r1_interval == 0:
             begin('Dreg', D, opt_D)
-            real_ = real.detach().requires_grad_(True)
-            r1 = losses.r1_penalty(real_, D(real_, ref, c=c_real)).mean()
+            real_ = real.detach().requires_grad_(True)  # R1 of the un-augmented reals, through the augmentation
+            real_logits = D(aug(gen, real_), aug(gen, ref), c=c_real)
+            r1 = losses.r1_penalty(real_, real_logits).mean()
+            count_signs(real_logits.detach().float().sign())  # counted in r_t as in the official code
             record('D/r1', r1)
             phase_step(D, opt_D, scaler_D, r1 * (args.gamma / 2) * args.r1_interval, world)
 
@@ -911,6 +994,16 @@ def train(args, rank, world, device, init=None):
         with torch.no_grad():
             torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1 - beta)
             torch._foreach_copy_(list(G_ema.buffers()), list(G.buffers()))
+
+        # ADA: every ada_interval steps (as the official loop, from step 0), p moves by batch x interval /
+        # (ada_kimg x 1000) towards r_t = --ada-target, with r_t over all processes' reals since the last move
+        if args.aug == 'ada' and step % args.ada_interval == 0:
+            tic('ada')
+            r_t = ada_signs[0] / ada_signs[1]
+            aug_p.copy_((aug_p + torch.sign(r_t - args.ada_target) * B * args.ada_interval / (args.ada_kimg * 1000)).clamp(min=0))
+            ada_signs.zero_()
+        if args.aug in ('ada', 'fixed'):
+            extremes['aug/p'] = aug_p.clone()  # the current p (the same on every process), not a mean since the last line
         set_tf32(args.tf32 != 'none')  # the metrics' and grids' setting
         return timings
 
@@ -935,15 +1028,41 @@ def train(args, rank, world, device, init=None):
     def checkpoint(step, nimg):  # the weights are the same on every process: any one of them may write them
         state = dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), opt_G=opt_G.state_dict(),
                      opt_D=opt_D.state_dict(), scaler_G=scaler_G.state_dict(), scaler_D=scaler_D.state_dict(),
-                     pl_mean=pl_mean, step=step, nimg=nimg, seconds=seconds + time.time() - t_start, args=vars(args))
+                     pl_mean=pl_mean, aug_p=aug_p, ada_signs=ada_signs, step=step, nimg=nimg,
+                     seconds=seconds + time.time() - t_start, args=vars(args))
         save_checkpoint(os.path.join(args.out, checkpoint_name(step)), state, args.keep)
+
+    held_u8 = {}  # the diagnostics' real images, read once: 'train' (the first --holdout) and 'heldout'
+
+    @torch.no_grad()
+    def d_outputs():
+        """ADA Fig. 1b: D's mean raw output, without augmentation, on --holdout training reals, as many held-out
+        reals and as many fakes of G (fixed latents), in global batches of B, each process its slice."""
+        if not held_u8:
+            mine_idx = [k * B + rank * b + i for k in range(args.holdout // B) for i in range(b)]
+            held_u8['train'] = torch.stack([dataset[i % len(dataset)] for i in mine_idx])
+            held_u8['heldout'] = torch.stack([held[i] for i in mine_idx])
+        sums = torch.zeros(3, device=device)
+        with metrics._eval_mode(G, D), amp:  # (batch norm's statistics and spectral norm's vectors stay as they are)
+            for k in range(args.holdout // B):
+                gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 - 1 - k)  # not a training step's seed
+                lat = latents(gen)
+                ref_k = to_float(held_u8['train'][k * b:(k + 1) * b].to(device)) if D.needs_ref else None
+                for j, x in enumerate([to_float(held_u8[key][k * b:(k + 1) * b].to(device)) for key in ('train', 'heldout')]
+                                      + [G(**lat)]):
+                    sums[j] += D(x, ref_k).float().sum()
+        if world > 1:
+            dist.all_reduce(sums)
+        return dict(zip(('train', 'heldout', 'fake'), (sums / args.holdout).tolist()))
 
     def measure():  # the in-loop metrics of G_ema at this nimg, one log.jsonl line; returns the seconds taken
         t0 = time.time()
         res = metrics.evaluate(names, G_ema, D, dataset, device, rank, world, num_gen=args.num_gen,
                                fid_weights=args.fid_weights, cache_dir=os.path.join(args.out, 'cache'),
                                seed=args.seed, amp=args.amp, log=lambda s: print0(s, rank=rank),
-                               worker_init_fn=data.leave_stop_signals_to_main)
+                               worker_init_fn=data.leave_stop_signals_to_main) if names else {}
+        if held is not None:
+            res['overfit'] = d_outputs()
         seconds = time.time() - t0
         if logf:
             logf.write(json.dumps(dict(kimg=round(nimg / 1000, 3), step=step, metrics=res, seconds=round(seconds, 1))) + '\n')
@@ -953,7 +1072,7 @@ def train(args, rank, world, device, init=None):
         print0(f'metrics at kimg {nimg / 1000:.2f} ({seconds:.1f} s): {json.dumps(res)}', rank=rank)
         return seconds
 
-    metrics_due = lambda: names and (due(args.metrics_kimg or args.snap_kimg) or nimg >= total)
+    metrics_due = lambda: (names or held is not None) and (due(args.metrics_kimg or args.snap_kimg) or nimg >= total)
     log_path = os.path.join(args.out, 'log.jsonl')
     logged = trim_log(log_path, step) if rank == 0 else []
     logf = open(log_path, 'a') if rank == 0 else None
