@@ -51,18 +51,7 @@ RUNS=""
 for s in 0 1 2; do for a in $ORDER; do RUNS="$RUNS $a-s$s"; done; done
 [ $# -gt 0 ] && RUNS="$*"
 
-done_kimg() {  # kimg recorded in the run's committed summary, 0 if none
-  python -c "import json,sys; print(json.load(open(sys.argv[1]))['kimg'])" "$RESULTS/$1.json" 2>/dev/null || echo 0
-}
-
-commit() {  # commit only this file; retried while another git operation (a merge) holds the index
-  [ "$COMMIT" = 1 ] || return 0
-  for i in $(seq 30); do
-    git add "$1" 2>/dev/null && git commit -q -m "$2" -- "$1" && return 0
-    sleep 60
-  done
-  echo "could not commit $1: commit it by hand" >&2
-}
+source results/driver.sh   # done_kimg, commit, run_pending
 
 one() {  # one run to KIMG, then its summary
   local name=$1 arm=${1%-s*} seed=${1##*-s}
@@ -84,15 +73,4 @@ print(json.dumps(s))" $RUNS_DIR/$name/final.json $FINAL > $RESULTS/$name.json.tm
   echo "$(date '+%F %T') done $name" >&2
 }
 
-pending=()
-for r in $RUNS; do
-  awk -v a="$(done_kimg $r)" -v b="$KIMG" 'BEGIN{exit !(a < b)}' && pending+=("$r")
-done
-echo "pending at $KIMG kimg: ${pending[*]:-none}" >&2
-running=0
-for r in "${pending[@]}"; do
-  one "$r" &
-  running=$((running + 1))
-  if [ "$running" -ge "$JOBS" ]; then wait -n; running=$((running - 1)); fi
-done
-wait
+run_pending $RUNS
