@@ -774,6 +774,11 @@ def train(args, rank, world, device, init=None):
             raise UserError(f'checkpoint {resume} does not fit this code ({type(e).__name__}: '
                             f'{" ".join(str(e).split())[:200]}); use another --out') from None
         print0(f'resumed {resume} at kimg {nimg / 1000:.3f} (step {step})', rank=rank)
+        threads = ckpt.get('threads', torch.get_num_threads())  # (checkpoints before it was saved: not known)
+        if device.type == 'cpu' and threads != torch.get_num_threads():  # CPU kernels split sums by thread count
+            print0(f'note: this run trained with {threads} CPU threads per process and resumes with '
+                   f'{torch.get_num_threads()}: the same run, but no longer the same to the bit (set '
+                   f'OMP_NUM_THREADS={threads} for that)', rank=rank)
         if ckpt['args'].get('conv_clamp') != args.conv_clamp:  # the networks' function changes with --amp
             print0(f'note: --amp {args.amp} {"clamps" if args.conv_clamp else "no longer clamps"} activations at '
                    f'+-{args.conv_clamp or ckpt["args"]["conv_clamp"]} (conv_clamp; the checkpoint\'s run: '
@@ -1029,7 +1034,7 @@ def train(args, rank, world, device, init=None):
         state = dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), opt_G=opt_G.state_dict(),
                      opt_D=opt_D.state_dict(), scaler_G=scaler_G.state_dict(), scaler_D=scaler_D.state_dict(),
                      pl_mean=pl_mean, aug_p=aug_p, ada_signs=ada_signs, step=step, nimg=nimg,
-                     seconds=seconds + time.time() - t_start, args=vars(args))
+                     seconds=seconds + time.time() - t_start, threads=torch.get_num_threads(), args=vars(args))
         save_checkpoint(os.path.join(args.out, checkpoint_name(step)), state, args.keep)
 
     held_u8 = {}  # the diagnostics' real images, read once: 'train' (the first --holdout) and 'heldout'
