@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Limited data (issue 25): the built-in set at 1k images and 32 px, the cpu preset's StyleGAN2 (its D supports
-# reference-attention), every arm over 3 seeds. Each run trains in segments of SEG kimg (train.py's resume is
+# Limited data (issue 25): the built-in set at 1k images and 32 px, the cpu preset's StyleGAN2 at reproduction (c)'s
+# width (channel_base 1024, channel_max 64: G 1.07M, D 0.29M parameters, 15x cheaper per image than the preset; its D
+# supports reference-attention), every arm over 3 seeds. Each run trains in segments of SEG kimg (train.py's resume is
 # exact: the segments are one run); after each segment its checkpoint is scored against the FULL 50k set (as the
 # limited-data papers score), appended to the run's full.jsonl; D's outputs on its training images, on --holdout
 # images it never sees and on fakes (ADA Fig. 1b) and r_t go to its log.jsonl. Started again, the script resumes
@@ -33,7 +34,7 @@ RESULTS=${RESULTS:-results/$PREFIX}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # lr constant (the cpu preset's), so that segments and a longer KIMG continue the same run; in-loop metrics against
 # the N training images (memorisation shows there first) every SEG kimg, with the D-overfitting diagnostics
-BASE="--cfg cpu --max-images $N --holdout $HOLDOUT --metrics swd2k,di2k --metrics-kimg $SEG --snap-kimg $SEG --keep 1"
+BASE="--cfg cpu --channel-base 1024 --channel-max 64 --max-images $N --holdout $HOLDOUT --metrics swd2k,di2k --metrics-kimg $SEG --snap-kimg $SEG --keep 1"
 BASE="$BASE --workers 1 --log-sec 60 ${EXTRA:-}"   # EXTRA: flags for every run (the last one given wins)
 ADA="--aug ada --ada-kimg $ADA_KIMG"
 declare -A ARM=(
