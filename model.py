@@ -1400,6 +1400,21 @@ class SELConcat(nn.Module):
         return x + self.alpha.to(x.dtype).view(1, -1, 1, 1) * y
 
 
+def resize_corners(h, size):
+    """Bilinear resize of square maps [..., R, R] to [..., size, size] with align_corners=True, as two
+    matmuls with the [size, R] interpolation matrix (the separable form of F.interpolate's; on CPUs its
+    kernel is ~10x slower for NCHW tensors), h itself when the size already matches."""
+    R = h.shape[-1]
+    if size == R:
+        return h
+    pos = torch.linspace(0, R - 1, size, device=h.device, dtype=torch.float64)  # source coordinate per output pixel
+    i0 = pos.floor().clamp(max=R - 2)
+    frac = (pos - i0).to(h.dtype)[:, None]  # [size, 1]
+    cols = torch.arange(R, device=h.device)
+    A = (cols == i0.long()[:, None]) * (1 - frac) + (cols == i0.long()[:, None] + 1) * frac  # [size, R]
+    return A @ h @ A.T
+
+
 class SELOfficial(nn.Module):
     """The authors' SEL (their SEL class; Eq. 3 with their residual): the heatmap features h resized
     bilinearly (align_corners=True) to the input's size, f = lrelu(conv3x3_{->64}(h)), then
@@ -1415,9 +1430,12 @@ class SELOfficial(nn.Module):
         self.output = nn.Sequential(nn.LeakyReLU(0.2), Conv(channels, channels, 3, act=False))
 
     def forward(self, x, h):  # x [B, C, r, r], h [B, 32 or 96, R, R]
-        h = F.interpolate(h.to(x.dtype), size=x.shape[2:], mode='bilinear', align_corners=True)  # [B, 32|96, r, r]
+        h = resize_corners(h.to(x.dtype), x.shape[-1])  # [B, 32|96, r, r]
         f = self.shared(h)  # [B, 64, r, r]
-        y = instance_norm(x.float()) * (1 + self.sigma(f).float()) + self.mu(f).float()  # Eq. 3, in fp32
+        weight = torch.cat([self.sigma.weight, self.mu.weight]) * self.sigma.weight_gain  # one 2-channel conv (a
+        sigma, mu = (F.conv2d(f, weight.to(f.dtype), padding=1) +  # 1-channel conv costs as much as a 2-channel one)
+                     torch.cat([self.sigma.bias, self.mu.bias]).view(1, 2, 1, 1)).float().unbind(1)
+        y = instance_norm(x.float()) * (1 + sigma[:, None]) + mu[:, None]  # Eq. 3, in fp32
         return x + 0.1 * self.output(y.to(x.dtype))
 
 

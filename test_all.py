@@ -4525,6 +4525,16 @@ def test_official_sel_encoder_and_placement_by_hand():
     assert seen[2][2].shape[-1] == 4 and seen[3][2].shape[-1] == 8  # b8.conv0's SEL sees its 4x4 input
 
 
+def test_resize_corners_is_bilinear_align_corners():
+    """SELOfficial's resize (two matmuls) equals F.interpolate(bilinear, align_corners=True) down, up
+    and to one pixel, and hands back the input itself at its own size."""
+    h = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for size in (1, 4, 8, 16, 64):
+        want = F.interpolate(h, size=(size, size), mode='bilinear', align_corners=True)
+        assert torch.allclose(model.resize_corners(h, size), want, atol=1e-12), size
+    assert model.resize_corners(h, 32) is h
+
+
 def test_official_sel_on_the_sn_backbones():
     """The authors' SEL, encoder and sampler on --arch sndcgan / sngan: a SEL on the features of every
     resolution (the rule of the StyleGAN2 blocks), each equal to their SEL by hand; moving the heatmap

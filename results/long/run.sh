@@ -42,8 +42,8 @@ BASE="$BASE ${EXTRA:-}"   # EXTRA: flags for every run (the last one given wins)
 declare -A ARM=(
   [$PREFIX-nonsat]=""                                            # (a) and (b): the baseline
   [$PREFIX-contrastive]="--loss contrastive --warmup-kimg 50"    # (a) supplement Table 1
-  [$PREFIX-sel-align]="--sel norm"                               # (b) EqGAN-SA Table 2: SEL_norm + alignment (authors' code)
-  [$PREFIX-sel]="--sel norm --no-align"                          # (b) SEL_norm alone
+  [$PREFIX-sel-align]="--sel norm --channels-last"               # (b) EqGAN-SA Table 2: SEL_norm + alignment (authors' code)
+  [$PREFIX-sel]="--sel norm --no-align --channels-last"          # (b) SEL_norm alone
 )
 ORDER="$PREFIX-nonsat $PREFIX-contrastive $PREFIX-sel-align"   # seeds interleaved: s0 of every arm first
 [ -n "${ALL:-}" ] && ORDER="$ORDER $PREFIX-sel"                # ALL=1: SEL alone too, if the budget allows
