@@ -1432,9 +1432,10 @@ class SELOfficial(nn.Module):
     def forward(self, x, h):  # x [B, C, r, r], h [B, 32 or 96, R, R]
         h = resize_corners(h.to(x.dtype), x.shape[-1])  # [B, 32|96, r, r]
         f = self.shared(h)  # [B, 64, r, r]
-        weight = torch.cat([self.sigma.weight, self.mu.weight]) * self.sigma.weight_gain  # one 2-channel conv (a
-        sigma, mu = (F.conv2d(f, weight.to(f.dtype), padding=1) +  # 1-channel conv costs as much as a 2-channel one)
-                     torch.cat([self.sigma.bias, self.mu.bias]).view(1, 2, 1, 1)).float().unbind(1)
+        # sigma and mu as one 2-channel conv: a 1-channel conv costs as much as a 2-channel one
+        weight = torch.cat([self.sigma.weight, self.mu.weight]) * self.sigma.weight_gain  # [2, 64, 3, 3]
+        bias = torch.cat([self.sigma.bias, self.mu.bias]).view(1, 2, 1, 1)
+        sigma, mu = (F.conv2d(f, weight.to(f.dtype), padding=1) + bias).float().unbind(1)  # [B, r, r] each
         y = instance_norm(x.float()) * (1 + sigma[:, None]) + mu[:, None]  # Eq. 3, in fp32
         return x + 0.1 * self.output(y.to(x.dtype))
 
