@@ -865,7 +865,7 @@ def main():
     import model
     p = argparse.ArgumentParser(description='Evaluate a train.py checkpoint; prints one JSON line (progress on stderr). '
                                             'Or plot log.jsonl curves with --plot.')
-    p.add_argument('ckpt', nargs='?', help='checkpoint written by train.py')
+    p.add_argument('ckpt', nargs='?', help='a train.py checkpoint, or an official stylegan2-ada / EqGAN-SA network pickle')
     p.add_argument('--plot', nargs='+', metavar='LOG', help='log.jsonl files to plot (instead of evaluating)')
     p.add_argument('--seeds', action='store_true', help="--plot: runs named NAME-s<seed> as one mean curve and a +-1 std band")
     p.add_argument('--summary', metavar='LOG', help="print a run's summary (kimg, seconds, every metric evaluation) as JSON")

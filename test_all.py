@@ -4343,7 +4343,8 @@ def test_init_from_an_official_pickle_with_sel_added_starts_as_the_official_netw
     args = train.parse_args(INIT_FLAGS + ['--init', path, '--sel', 'norm', '--eqgan', 'paper', '--loss', 'contrastive',
                                           '--out', out])
     init = train.init_from(args)
-    assert (args.resolution, args.map_layers, args.channel_base, args.channel_max, args.z_dim) == (32, 2, 2048, 128, 512)
+    assert (args.resolution, args.map_layers, args.channel_base, args.channel_max, args.z_dim, args.mbstd_layout) == \
+        (32, 2, 2048, 128, 512, 'strided')
     args.c_dim, args.conv_clamp = 0, 256
     G, _ = model.build_networks(vars(args))
     msg = train.load_init(G, init['G_ema'], 'G_ema')
@@ -4365,6 +4366,18 @@ def test_init_from_an_official_pickle_with_sel_added_starts_as_the_official_netw
     path64, _ = official('sg2ada-64-cond')
     expect_error(capsys, INIT_FLAGS + ['--init', path64, '--out', str(tmp_path / 'y')], '5 classes): add --cond')
     expect_error(capsys, INIT_FLAGS + ['--init', path64, '--cond', '--out', str(tmp_path / 'y')], 'has 5 classes, the data 4')
+
+
+def test_init_keeps_the_minibatch_std_layout(tmp_path, capsys):
+    """--init from a checkpoint trained with strided minibatch-std groups fine-tunes with them (an
+    architecture flag, as official pickles carry); asking for the other layout gets one line."""
+    src = run_train(tmp_path, '--kimg', '0.008', '--mbstd-layout', 'strided', name='src')
+    path = f'{src}/ckpt-0000001.pt'
+    args = train.parse_args(INIT_FLAGS + ['--init', path, '--out', str(tmp_path / 'ft')])
+    train.init_from(args)
+    assert args.mbstd_layout == 'strided' and args.resolution == 16
+    expect_error(capsys, INIT_FLAGS + ['--init', path, '--mbstd-layout', 'contiguous', '--out', str(tmp_path / 'x')],
+                 'has --mbstd-layout strided, this run asks for contiguous')
 
 
 # ---- EqGAN-SA as its authors built it (--eqgan official): their snapshot, SEL, encoder, sampler, loss

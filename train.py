@@ -106,8 +106,9 @@ def make_parser():
     a('--z-dim', type=int, help='latent size (stylegan2: 512, sn*: 128)')
     a('--w-dim', type=int, help='intermediate latent size (512)')
     a('--mbstd-group', type=int, help='minibatch-std group size (4; paper256: 8)')
-    a('--mbstd-layout', default='contiguous', choices=model.MBSTD_LAYOUTS,
-      help="minibatch-std groups: consecutive samples (DDP-invariant) or the official code's strided ones")
+    a('--mbstd-layout', choices=model.MBSTD_LAYOUTS,
+      help="minibatch-std groups: consecutive samples (default; DDP-invariant) or the official code's strided ones "
+           "(--init keeps its network's)")
     a('--g-attn', default='none', choices=['none', 'san', 'sagan', 'dfn', 'vt'], help='self-attention in G (thesis Table 2.3)')
     a('--g-attn-res', type=int, default=32, help='G resolution whose conv the attention replaces (paper: 32)')
     a('--d-attn', default='none', choices=['none', 'self', 'ref'], help='SAN self-attention or reference-attention in D (Table 2.5)')
@@ -182,11 +183,11 @@ def make_parser():
                                                  'dataset (through the loader, --workers), write nothing')
     # logging, snapshots, metrics
     a('--log-sec', type=float, default=10, help='seconds between log lines')
-    a('--snap-kimg', type=float, help='kimg between snapshots: grid, checkpoint (cpu: 2, others: 50)')
+    a('--snap-kimg', type=float, help='kimg between snapshots: grid, checkpoint (per preset: README)')
     a('--keep', type=int, default=3, help='checkpoints to keep')
-    a('--metrics', help="comma list: fid50k_full, fid10k, kid50k_full, pr50k3_full, ppl2_wend, swd, swd2k, di, di2k, fddf, "
-                        "or 'none' (cpu: swd2k,di2k; others: fid50k_full,di)")
-    a('--metrics-kimg', type=float, help='kimg between metric evaluations (cpu: 5; others: every snapshot)')
+    a('--metrics', help="comma list: fid50k_full, fid10k, kid50k_full, pr50k3_full, ppl2_wend, ppl_wend, swd2k, di2k, "
+                        "fddf2k (the count in the name), or 'none' (per preset: README)")
+    a('--metrics-kimg', type=float, help='kimg between metric evaluations (per preset: README)')
     a('--num-gen', type=int, help='override the number of generated images of every metric')
     a('--fid-weights', help='path of the pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth)')
     a('--tensorboard', action='store_true', help='also write the log lines, metrics and image grids as TensorBoard events '
@@ -209,7 +210,8 @@ def parse_args(argv=None):
         args.lr_decay_kimg = preset['lr_decay_kimg'] * args.kimg / preset['kimg']  # the preset's share of the run
     # EqGAN-SA: the authors' networks unless asked otherwise (they produced the paper's tables); their code
     # has SEL_norm only, so concat / flatten (and runs without SEL) keep the paper's reading
-    args.explicit += [k for k in ('eqgan', 'heatmap') if getattr(args, k) is not None]
+    args.explicit += [k for k in ('eqgan', 'heatmap', 'mbstd_layout') if getattr(args, k) is not None]
+    args.mbstd_layout = args.mbstd_layout or 'contiguous'
     if args.eqgan is None:
         args.eqgan = 'official' if args.sel == 'norm' else 'paper'
     if args.heatmap is None:
@@ -590,7 +592,8 @@ def load_resume(path, args, device):
     return ckpt
 
 
-INIT_KEYS = ('arch', 'resolution', 'z_dim', 'w_dim', 'channel_base', 'channel_max', 'map_layers', 'mbstd_group')
+INIT_KEYS = ('arch', 'resolution', 'z_dim', 'w_dim', 'channel_base', 'channel_max', 'map_layers', 'mbstd_group',
+             'mbstd_layout')  # D's groups as its weights were trained (official pickles: strided)
 
 
 def init_from(args):
