@@ -826,22 +826,34 @@ def summarize(log):
                 metric_seconds=round(sum(r.get('seconds', 0) for r in evals), 1), snapshots=snaps, final=snaps[-1] if snaps else {})
 
 
+def _run_value(summary, key, best=''):
+    """A run's final value of key, or ('min' / 'max') its best over the run's evaluations; None if absent."""
+    if not best:
+        return summary['final'].get(key)
+    values = [s[key] for s in summary['snapshots'] if key in s]
+    return (min if best == 'min' else max)(values) if values else None
+
+
 def table(summaries, keys):
-    """Markdown rows 'run | seeds | mean +- std of each key's final value' over the runs that differ only by seed."""
+    """Markdown rows 'run | seeds | mean +- std of each key' over the runs that differ only by seed: a key's
+    final value, or with 'min:' / 'max:' before it (e.g. min:swd2k/avg) its best over the run's evaluations."""
     groups = {}
     for sm in summaries:
-        groups.setdefault(_unseeded(sm['run']), []).append(sm['final'])
+        groups.setdefault(_unseeded(sm['run']), []).append(sm)
     rows = []
-    for run, finals in groups.items():
+    for run, sms in groups.items():
         cells = []
         for key in keys:
-            v = np.array([f[key] for f in finals if key in f])
+            best, _, name = key.rpartition(':')
+            if best not in ('', 'min', 'max'):
+                raise ValueError(f"--keys {key}: write KEY, min:KEY or max:KEY")
+            v = np.array([x for x in (_run_value(sm, name, best) for sm in sms) if x is not None])
             if not len(v):  # a metric these runs did not compute
                 cells.append('-')
                 continue
             cell = f'{v.mean():.1f} +- {v.std():.1f}' if abs(v.mean()) >= 10 else f'{v.mean():.2f} +- {v.std():.2f}'
-            cells.append(cell + (f' ({len(v)} of {len(finals)} seeds)' if len(v) < len(finals) else ''))
-        rows.append(f'| {run} | {len(finals)} | ' + ' | '.join(cells) + ' |')
+            cells.append(cell + (f' ({len(v)} of {len(sms)} seeds)' if len(v) < len(sms) else ''))
+        rows.append(f'| {run} | {len(sms)} | ' + ' | '.join(cells) + ' |')
     return '\n'.join([f'| run | seeds | {" | ".join(keys)} |', '| --- | --- |' + ' --- |' * len(keys)] + rows)
 
 
@@ -870,7 +882,7 @@ def main():
     p.add_argument('--seeds', action='store_true', help="--plot: runs named NAME-s<seed> as one mean curve and a +-1 std band")
     p.add_argument('--summary', metavar='LOG', help="print a run's summary (kimg, seconds, every metric evaluation) as JSON")
     p.add_argument('--table', nargs='+', metavar='JSON', help='summaries (--summary) -> a markdown table of --keys, '
-                   'mean +- std over the seeds of each run')
+                   "mean +- std over the seeds of each run of each key's final value (min:KEY / max:KEY: its best over the run)")
     p.add_argument('--keys', default='D/real_min,D/fake_max',
                    help='--plot / --table: log keys (default: EqGAN-SA Fig. 1); overfit: D on training reals, held-out reals '
                         'and fakes (train.py --holdout); ada: r_t and p (train.py --aug)')

@@ -2348,6 +2348,8 @@ def test_seed_bands_summaries_and_tables_over_runs(tmp_path):
     assert sm['snapshots'] == [{'kimg': 1, 'swd/avg': 10.0}, {'kimg': 3, 'swd/avg': 4.0, 'di': 0}] and sm['final']['di'] == 0
     rows = metrics.table([metrics.summarize(p) for p in logs], ['swd/avg', 'di']).splitlines()
     assert rows[2] == '| exp | 2 | 6.00 +- 2.00 | 0.50 +- 0.50 |'  # finals 4 and 8, di 0 and 1
+    best = metrics.table([metrics.summarize(p) for p in logs], ['min:swd/avg', 'max:swd/avg', 'max:di']).splitlines()
+    assert best[2] == '| exp | 2 | 6.00 +- 2.00 | 12.0 +- 2.0 | 0.50 +- 0.50 |'  # min 4, 8; max 10, 14; di only at 3 kimg
     sums = [metrics.summarize(p) for p in logs]
     del sums[0]['final']['di']  # a metric one seed lacks counts its seeds; one no seed has reads '-'
     assert metrics.table(sums, ['di', 'fid']).splitlines()[2] == '| exp | 2 | 1.00 +- 0.00 (1 of 2 seeds) | - |'
