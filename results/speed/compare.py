@@ -2,7 +2,7 @@
 
     python results/speed/compare.py --official ~/src/stylegan2-ada-pytorch            # 32 px, 3 pairs
     python results/speed/compare.py --official PATH --res 32 64 --repeats 3 --steps 24
-    python results/speed/compare.py --official PATH --flags "--channels-last"         # a lever beside it
+    python results/speed/compare.py --official PATH --flags=--compile                 # a lever beside it (note the =)
 
 The two sides run one after the other, alternated `--repeats` times in one call, each in a fresh
 process, so that the machine's drift (other jobs, turbo, thermal) falls on both: the ratio of each
@@ -98,7 +98,7 @@ def main():
     p.add_argument('--steps', type=int, default=24, help='timed steps per run (default 24)')
     p.add_argument('--batch', type=int, default=16)
     p.add_argument('--workers', type=int, default=1, help="this side's loader processes (default 1)")
-    p.add_argument('--flags', default='', help='extra train.py flags for this side, e.g. "--channels-last"')
+    p.add_argument('--flags', default='', help='extra train.py flags for this side, written with = since they start with a dash: --flags="--compile --channels-last"')
     p.add_argument('--official-worker', action='store_true', help=argparse.SUPPRESS)
     a = p.parse_args()
     if not os.path.isfile(os.path.join(a.official, 'training', 'networks.py')):
