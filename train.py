@@ -208,6 +208,7 @@ def parse_args(argv=None):
             setattr(args, k, v)
     if 'lr_decay_kimg' not in args.explicit and 'kimg' in args.explicit and args.kimg > 0:
         args.lr_decay_kimg = preset['lr_decay_kimg'] * args.kimg / preset['kimg']  # the preset's share of the run
+    # flags whose defaults are set here count as explicit only when given (--init and --sel check them).
     # EqGAN-SA: the authors' networks unless asked otherwise (they produced the paper's tables); their code
     # has SEL_norm only, so concat / flatten (and runs without SEL) keep the paper's reading
     args.explicit += [k for k in ('eqgan', 'heatmap', 'mbstd_layout') if getattr(args, k) is not None]
