@@ -1363,6 +1363,14 @@ def instance_norm(x, eps=1e-5):
     return (x - x.mean([2, 3], keepdim=True)) * (x.var([2, 3], keepdim=True, unbiased=False) + eps).rsqrt()
 
 
+def conv_pair(a, b, x):
+    """Two 1-output-channel Convs without activation on the same input, as one 2-channel conv (a
+    1-channel conv costs as much as a 2-channel one); both outputs in fp32, [B, r, r] each."""
+    weight = torch.cat([a.weight, b.weight]) * a.weight_gain  # [2, cin, k, k]
+    bias = torch.cat([a.bias, b.bias]).view(1, 2, 1, 1)
+    return (F.conv2d(x, weight.to(x.dtype), padding=a.weight.shape[-1] // 2) + bias).float().unbind(1)
+
+
 class SELNorm(nn.Module):
     """Eq. 3: SEL_norm(F, H) = phi_sigma(H) (F - mu(F)) / sigma(F) + phi_mu(H), with a residual
     (Fig. 4): out = F + alpha * SEL_norm(F, H). mu, sigma: per-sample, per-channel (instance norm);
@@ -1381,7 +1389,8 @@ class SELNorm(nn.Module):
     def forward(self, x, h):  # x [B, C, r, r], h [B, hidden, r, r]
         xf = x.float()  # statistics in fp32 under mixed precision
         x_hat = instance_norm(xf)
-        y = (1 + self.gamma(h).float()) * x_hat + self.beta(h).float()  # Eq. 3, [B, C, r, r]
+        gamma, beta = conv_pair(self.gamma, self.beta, h)
+        y = (1 + gamma[:, None]) * x_hat + beta[:, None]  # Eq. 3, [B, C, r, r]
         return x + (self.alpha.view(1, -1, 1, 1) * y).to(x.dtype)
 
 
@@ -1410,8 +1419,8 @@ def resize_corners(h, size):
     pos = torch.linspace(0, R - 1, size, device=h.device, dtype=torch.float64)  # source coordinate per output pixel
     i0 = pos.floor().clamp(max=R - 2)
     frac = (pos - i0).to(h.dtype)[:, None]  # [size, 1]
-    cols = torch.arange(R, device=h.device)
-    A = (cols == i0.long()[:, None]) * (1 - frac) + (cols == i0.long()[:, None] + 1) * frac  # [size, R]
+    left = torch.arange(R, device=h.device) - i0.long()[:, None]  # [size, R]: 0 at the left neighbour, 1 at the right
+    A = (left == 0) * (1 - frac) + (left == 1) * frac  # [size, R]
     return A @ h @ A.T
 
 
@@ -1432,10 +1441,7 @@ class SELOfficial(nn.Module):
     def forward(self, x, h):  # x [B, C, r, r], h [B, 32 or 96, R, R]
         h = resize_corners(h.to(x.dtype), x.shape[-1])  # [B, 32|96, r, r]
         f = self.shared(h)  # [B, 64, r, r]
-        # sigma and mu as one 2-channel conv: a 1-channel conv costs as much as a 2-channel one
-        weight = torch.cat([self.sigma.weight, self.mu.weight]) * self.sigma.weight_gain  # [2, 64, 3, 3]
-        bias = torch.cat([self.sigma.bias, self.mu.bias]).view(1, 2, 1, 1)
-        sigma, mu = (F.conv2d(f, weight.to(f.dtype), padding=1) + bias).float().unbind(1)  # [B, r, r] each
+        sigma, mu = conv_pair(self.sigma, self.mu, f)
         y = instance_norm(x.float()) * (1 + sigma[:, None]) + mu[:, None]  # Eq. 3, in fp32
         return x + 0.1 * self.output(y.to(x.dtype))
 
