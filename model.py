@@ -694,13 +694,32 @@ class _DBlock(nn.Module):
         return y + (self.skip(pool(x)) if self.first else pool(self.skip(x)))
 
 
+ADDED_LAYERS = ('plain', 'equalized')
+
+
+def plain_weights(*modules):
+    """The layers the SN backbones gain (EqGAN-SA's heatmap encoders and SELs, attention in G or D) in
+    their backbone's parametrization: every equalized-lr weight (stored N(0, 1) and scaled at run time
+    by 1/sqrt(fan-in), StyleGAN's form) stored at its effective scale instead, gain 1. The same function
+    at initialisation; but Adam steps each parameter by about lr whatever its size, so at the SN lr of
+    2e-4 equalized weights of size 1 move ~30x slower, relative to their size, than the backbone's own
+    (N(0, 0.02) / Glorot) layers, and in a 500 kimg run barely leave their random start."""
+    for m in (m for root in modules if root is not None for m in root.modules()):
+        if isinstance(m, Conv) and m.kind is None:
+            m.weight.data.mul_(m.weight_gain)
+            m.weight_gain = 1.0
+        elif isinstance(m, attention.Conv):
+            m.weight.data.mul_(m.scale)
+            m.scale = 1.0
+
+
 class SmallGenerator(nn.Module):
     """G of SN-DCGAN (Miyato et al. Table 3a): z -> dense -> 4x4, BN, ReLU; per doubling a 4x4
     stride-2 deconvolution, BN, ReLU; a 3x3 conv to RGB, tanh. SNGAN (Table 4a): z -> dense -> 4x4;
     per doubling a _GBlock; BN, ReLU, 3x3 conv, tanh. G(z) -> images [B, 3, R, R] in [-1, 1]."""
 
     def __init__(self, arch, resolution, z_dim=128, channel_base=2048, channel_max=512, g_attn='none', g_attn_res=32,
-                 sel='none', heatmap='hier', eqgan='paper'):
+                 sel='none', heatmap='hier', eqgan='paper', added_layers='plain'):
         super().__init__()
         if resolution < 8 or resolution & (resolution - 1):
             raise ValueError(f'--resolution {resolution}: G and D need a power of two >= 8; use e.g. 32 or 64')
@@ -732,6 +751,8 @@ class SmallGenerator(nn.Module):
             self.sel = nn.ModuleDict({str(r): self.spatial.sel_layers(r, 1)[0] for r, _, _ in self.spatial.levels}
                                      if self.spatial is not None and sel != 'flatten' else {})
         self.attn = attention.self_attention(g_attn, ch[g_attn_res]) if g_attn != 'none' else None
+        if added_layers == 'plain':
+            plain_weights(self.spatial, self.sel, self.attn)
 
     @property
     def uses_heatmaps(self):
@@ -768,7 +789,8 @@ class SmallDiscriminator(nn.Module):
     Spectral norm on every layer. D(img) -> logits [B] (+ features [B, C]: the pooled last features)
     (+ {res: the last features at res}, for GradCAM)."""
 
-    def __init__(self, arch, resolution, channel_base=2048, channel_max=512, d_attn='none', d_attn_res=8):
+    def __init__(self, arch, resolution, channel_base=2048, channel_max=512, d_attn='none', d_attn_res=8,
+                 added_layers='plain'):
         super().__init__()
         ch = channels_per_res(channel_base, channel_max, resolution)
         self.arch, self.needs_ref, self.c_dim, self.attn_res = arch, False, 0, d_attn_res
@@ -793,6 +815,8 @@ class SmallDiscriminator(nn.Module):
             raise ValueError(f'--d-attn-res {d_attn_res} is not a D resolution of --arch {arch}; use one of '
                              f'{", ".join(self.stages)}')
         self.attn = attention.SAN(ch[d_attn_res]) if d_attn == 'self' else None
+        if added_layers == 'plain':
+            plain_weights(self.attn)
 
     def forward(self, img, ref=None, return_features=False, return_maps=False, c=None):
         if ref is not None or c is not None:
@@ -1027,9 +1051,10 @@ def augment(x, prm):
 
 ARCH_KEYS = ('arch', 'resolution', 'z_dim', 'w_dim', 'channel_base', 'channel_max', 'map_layers', 'mbstd_group',
              'conv_clamp', 'g_attn', 'g_attn_res', 'd_attn', 'd_attn_res', 'ref_attn_eq', 'sel', 'heatmap', 'c_dim',
-             'mbstd_layout', 'sel_placement', 'eqgan')
+             'mbstd_layout', 'sel_placement', 'eqgan', 'added_layers')
 # keys older checkpoints lack, with what those checkpoints were (eqgan: before the authors' networks were added)
-ARCH_DEFAULTS = dict(arch='stylegan2', c_dim=0, mbstd_layout='contiguous', sel_placement='paper', eqgan='paper')
+ARCH_DEFAULTS = dict(arch='stylegan2', c_dim=0, mbstd_layout='contiguous', sel_placement='paper', eqgan='paper',
+                     added_layers='equalized')
 ARCHS = ('stylegan2', 'sndcgan', 'sngan')
 
 
@@ -1040,8 +1065,9 @@ def build_networks(a):
         if a['arch'] not in ARCHS:
             raise ValueError(f'unknown --arch {a["arch"]!r}; choose one of {", ".join(ARCHS)}')
         return (SmallGenerator(a['arch'], a['resolution'], a['z_dim'], a['channel_base'], a['channel_max'], a['g_attn'],
-                               a['g_attn_res'], a['sel'], a['heatmap'], a['eqgan']),
-                SmallDiscriminator(a['arch'], a['resolution'], a['channel_base'], a['channel_max'], a['d_attn'], a['d_attn_res']))
+                               a['g_attn_res'], a['sel'], a['heatmap'], a['eqgan'], a['added_layers']),
+                SmallDiscriminator(a['arch'], a['resolution'], a['channel_base'], a['channel_max'], a['d_attn'], a['d_attn_res'],
+                                   a['added_layers']))
     G = Generator(a['resolution'], a['z_dim'], a['w_dim'], a['channel_base'], a['channel_max'], a['map_layers'],
                   a['conv_clamp'], a['g_attn'], a['g_attn_res'], a['sel'], a['heatmap'], a['c_dim'], a['sel_placement'],
                   a['eqgan'])

@@ -4573,6 +4573,48 @@ def test_official_sel_on_the_sn_backbones():
         assert ((moved - img).abs().amax((1, 2, 3)) > 1e-4).all()
 
 
+def test_sn_added_layers_learn_at_the_backbones_pace(tmp_path, capsys):
+    """--added-layers plain (the SN backbones' default with --sel / --g-attn / --d-attn) stores every added
+    equalized weight at its effective scale, gain 1: the same networks at init as 'equalized', but Adam's
+    first step (lr x sign(grad) per parameter) then moves their effective weights by lr, where equalized
+    ones move by lr x gain (1/sqrt(fan-in)). A checkpoint without the key builds as 'equalized' and resumes
+    only as that; the flag where it does nothing gets one line."""
+    kw = dict(SMALL, arch='sndcgan', sel='norm', heatmap='official', eqgan='official', g_attn='san', g_attn_res=8,
+              d_attn='self', d_attn_res=8)
+    z, nets = torch.randn(3, 16), {}
+    for kind in model.ADDED_LAYERS:
+        torch.manual_seed(0)
+        nets[kind] = model.build_networks(dict(kw, added_layers=kind))
+    h = nets['plain'][0].sample_heatmaps(3, 'cpu', torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        (Gp, Dp), (Ge, De) = nets['plain'], nets['equalized']
+        assert torch.equal(Gp.eval()(z, heatmaps=h), Ge.eval()(z, heatmaps=h))
+        assert torch.equal(Dp(Gp(z, heatmaps=h)), De(Ge(z, heatmaps=h)))
+    layers = lambda G, D: [(G.sel['16'].shared[0], 'weight_gain'), (G.spatial.hm_conv1_b8, 'weight_gain'),
+                           (G.attn.key, 'scale'), (D.attn.key, 'scale')]  # SAN's
+    moved = {}
+    for kind, (G, D) in nets.items():
+        before = [(m.weight * getattr(m, g)).detach().clone() for m, g in layers(G, D)]
+        opt = torch.optim.Adam([*G.parameters(), *D.parameters()], lr=1e-3, eps=1e-20)  # a step of lr x sign(grad)
+        D(G.train()(z, heatmaps=h)).square().mean().backward()
+        opt.step()
+        moved[kind] = [((m.weight * getattr(m, g)).detach() - b).abs().amax() for (m, g), b in zip(layers(G, D), before)]
+    for (m, g), p, e in zip(layers(*nets['equalized']), moved['plain'], moved['equalized']):
+        assert abs(p - 1e-3) < 1e-6 and abs(e - 1e-3 * getattr(m, g)) < 1e-6 and getattr(m, g) < 1, (type(m), p, e)
+    assert all(getattr(m, g) == 1.0 for m, g in layers(*nets['plain']))
+    G_old, _ = model.build_networks({k: v for k, v in kw.items()})  # no 'added_layers': an older checkpoint
+    assert G_old.sel['16'].shared[0].weight_gain < 1
+    assert train.parse_args(['--cfg', 'quick', '--sel', 'norm']).added_layers == 'plain'
+    assert train.parse_args(['--cfg', 'quick']).added_layers == train.parse_args(['--cfg', 'cpu']).added_layers == 'equalized'
+    out = run_sn(tmp_path, 'sndcgan', '--kimg', '0.008', '--sel', 'norm', '--added-layers', 'equalized')
+    expect_error(capsys, ['--cfg', 'sndcgan-cpu'] + SN_FLAGS + ['--out', out, '--kimg', '0.016', '--sel', 'norm'],
+                 'another architecture: --added-layers equalized (this run: plain)')
+    expect_error(capsys, ['--cfg', 'sndcgan-cpu'] + SN_FLAGS + ['--out', out, '--added-layers', 'plain'],
+                 '--added-layers does nothing without --sel, --g-attn or --d-attn')
+    expect_error(capsys, TINY_FLAGS + ['--out', str(tmp_path / 'sg'), '--added-layers', 'plain'],
+                 '--added-layers does nothing with --arch stylegan2')
+
+
 def test_official_heatmap_sampler_by_hand():
     """Their generate_heatmap_multi written out from the same draws (level-0 centre N(0, 0.33) clamped to
     +-0.75 in [-1, 1], sigma (U + 1) / 2 for the batch; offsets U(-0.4, 0.4) and U(-0.8, 0.8), sigmas

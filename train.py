@@ -122,6 +122,10 @@ def make_parser():
     a('--heatmap', choices=model.HEATMAP_KINDS,
       help="EqGAN-SA heatmap sampling: the paper's 'hier' (default with --eqgan paper), 'nonhier', 'noise' (Table 3), "
            "or the authors' 'official' (default with --eqgan official)")
+    a('--added-layers', choices=model.ADDED_LAYERS,
+      help="sn* with --sel / --g-attn / --d-attn: the added layers' weights stored at their scale like the backbone's "
+           "own ('plain', default) or equalized as in StyleGAN2 (at the SN lr they barely train; checkpoints before the "
+           "flag)")
     a('--sel-placement', default='paper', choices=model.SEL_PLACEMENTS,
       help="--eqgan paper: SELs after each conv ('paper') or before every conv at 4-16 px plus one local to toRGB "
            "(an earlier reading of the authors' code)")
@@ -211,13 +215,22 @@ def parse_args(argv=None):
     # flags whose defaults are set here count as explicit only when given (--init and --sel check them).
     # EqGAN-SA: the authors' networks unless asked otherwise (they produced the paper's tables); their code
     # has SEL_norm only, so concat / flatten (and runs without SEL) keep the paper's reading
-    args.explicit += [k for k in ('eqgan', 'heatmap', 'mbstd_layout') if getattr(args, k) is not None]
+    args.explicit += [k for k in ('eqgan', 'heatmap', 'mbstd_layout', 'added_layers') if getattr(args, k) is not None]
     args.mbstd_layout = args.mbstd_layout or 'contiguous'
+    args.added_layers = args.added_layers or default_added_layers(args.arch, args)
     if args.eqgan is None:
         args.eqgan = 'official' if args.sel == 'norm' else 'paper'
     if args.heatmap is None:
         args.heatmap = 'official' if args.eqgan == 'official' else 'hier'
     return args
+
+
+def has_added_layers(a):  # a: the flags, or a checkpoint's args (older ones may lack keys)
+    return any(a.get(k, 'none') != 'none' for k in ('sel', 'g_attn', 'd_attn'))
+
+
+def default_added_layers(arch, args):  # StyleGAN2 is equalized throughout; an SN backbone without added layers: either
+    return 'plain' if arch != 'stylegan2' and has_added_layers(vars(args)) else 'equalized'
 
 
 class UserError(Exception):
@@ -288,6 +301,9 @@ def check_args(args, world, device):
     for key in ('eqgan', 'heatmap'):  # their defaults follow --sel (parse_args)
         if key in args.explicit and args.sel == 'none':
             raise UserError(f'--{key} does nothing without --sel norm (or concat/flatten); add that or drop the flag')
+    if 'added_layers' in args.explicit and (stylegan or args.sel == args.g_attn == args.d_attn == 'none'):
+        raise UserError('--added-layers does nothing ' + ('with --arch stylegan2 (its layers are all equalized)' if stylegan
+                        else 'without --sel, --g-attn or --d-attn (the layers it parametrizes)') + '; drop it')
     paper = args.eqgan == 'paper'
     default = make_parser().get_default
     for key, active, needs in [
@@ -608,7 +624,9 @@ def init_from(args):
     except ValueError as e:
         raise UserError(f'--init: {e}') from None
     saved = {**model.ARCH_DEFAULTS, **ckpt['args']}
-    for k in INIT_KEYS:
+    if not has_added_layers(saved):  # else its added layers' weights load as they were trained; here this run's choice
+        saved['added_layers'] = args.added_layers if 'added_layers' in args.explicit else default_added_layers(saved['arch'], args)
+    for k in INIT_KEYS + ('added_layers',):
         if k in args.explicit and getattr(args, k) != saved[k]:
             raise UserError(f'--init {args.init} has --{k.replace("_", "-")} {saved[k]}, this run asks for '
                             f'{getattr(args, k)}: drop the flag (the architecture comes from --init)')
