@@ -397,17 +397,20 @@ def make_dataset(path=None, resolution=32, max_images=None, seed=0, skip_bad=Fal
         return SyntheticShapes(resolution, 50_000 if max_images is None else max_images, seed)
     return ImageFolderDataset(path, resolution, max_images, skip_bad, labels)
 
-def make_holdout(path, resolution, start, num, seed=0, skip_bad=False):
+def make_holdout(path, resolution, start, num, seed=0, skip_bad=False, labels=False):
     """num real images of the same source that a run training on its first `start` never sees (--holdout):
-    the built-in set's items start .. start + num - 1, a folder's or zip's next num images in sorted order."""
+    the built-in set's items start .. start + num - 1, a folder's or zip's next num images in sorted order;
+    labels=True: with their classes (.labels, [num] int64)."""
     if path is None:
         full = SyntheticShapes(resolution, start + num, seed)
     else:
-        full = ImageFolderDataset(path, resolution, start + num, skip_bad)
+        full = ImageFolderDataset(path, resolution, start + num, skip_bad, labels)
         if len(full) < start + num:
             raise DataError(f'--holdout {num}: {path} has {len(full)} usable images and the run trains on {start}; pass '
                             f'--max-images {len(full) - num} (or fewer) to keep {num} aside, or lower --holdout')
-    return torch.utils.data.Subset(full, range(start, start + num))
+    held = torch.utils.data.Subset(full, range(start, start + num))
+    held.labels = full.labels[start:start + num] if labels else None
+    return held
 
 # ----------------------------------------------------------------------------------------------
 # The infinite loader. Position p (images consumed so far, over all ranks) is epoch p // N, item

@@ -5630,20 +5630,27 @@ def test_freeze_d_keeps_the_first_blocks(tmp_path):
     assert not torch.equal(c2['D']['b8.conv0.weight'], c1['D']['b8.conv0.weight'])
 
 
-def test_holdout_diagnostics_by_hand(tmp_path):
+@pytest.mark.parametrize('cond', [False, True])
+def test_holdout_diagnostics_by_hand(tmp_path, cond):
     """--holdout 8 with --max-images 16: D's mean outputs on training images 0-7 and on images 16-23 of
-    the built-in set (never trained on), logged at each evaluation and drawn by metrics.py --plot."""
-    out = run_train(tmp_path, '--kimg', '0.016', '--max-images', '16', '--holdout', '8', '--metrics-kimg', '0.016')
+    the built-in set (never trained on), each with its own class under --cond, logged at each evaluation
+    and drawn by metrics.py --plot."""
+    out = run_train(tmp_path, '--kimg', '0.016', '--max-images', '16', '--holdout', '8', '--metrics-kimg', '0.016',
+                    *(['--cond'] if cond else []))
     rec = [r for r in map(json.loads, open(f'{out}/log.jsonl')) if 'metrics' in r][-1]
     ck = load(glob.glob(f'{out}/ckpt-*.pt')[-1])
-    _, D = tiny()
+    _, D = tiny(c_dim=4 if cond else 0)
     D.load_state_dict(ck['D'])
     full = data.SyntheticShapes(16, 24, 0)
     with torch.no_grad():
         for key, idx in (('train', range(8)), ('heldout', range(16, 24))):
             x = torch.stack([full[i] for i in idx]).float() / 127.5 - 1
-            assert rec['metrics']['overfit'][key] == pytest.approx(D(x).mean().item(), abs=1e-5), key
+            c = F.one_hot(torch.as_tensor(full.labels[list(idx)]), 4).float() if cond else None
+            assert rec['metrics']['overfit'][key] == pytest.approx(D(x, c=c).mean().item(), abs=1e-5), key
     assert math.isfinite(rec['metrics']['overfit']['fake'])
+    if cond:
+        assert len(set(full.labels[:24])) > 1  # the classes matter: D's class embedding sees several
+        return
     sys_argv = sys.argv
     try:
         sys.argv = ['metrics.py', '--plot', f'{out}/log.jsonl', '--keys', 'overfit,D/rt', '--out', str(tmp_path / 'p.png')]
@@ -5668,7 +5675,6 @@ def test_aug_and_limited_data_flags_give_one_line_errors(tmp_path, capsys):
             (['--aug', 'ada', '--ada-interval', '0'], ['--ada-interval 0 must be at least 1']),
             (['--diffaug', 'color'], ['--diffaug does nothing without --aug diffaug']),
             (['--holdout', '12'], ['--holdout 12 is not a multiple of --batch 8']),
-            (['--holdout', '8', '--cond'], ['--holdout does not support --cond']),
             (['--freeze-d', '-1'], ['--freeze-d -1 must be at least 0']),
             (['--freeze-d', '3'], ['--freeze-d 3: this D has 2 blocks'])]:
         expect_error(capsys, TINY_FLAGS + ['--out', out, '--kimg', '0.008', *extra], *needles)
@@ -5678,3 +5684,6 @@ def test_aug_and_limited_data_flags_give_one_line_errors(tmp_path, capsys):
         Image.fromarray(np.full((16, 16, 3), i, np.uint8)).save(root / f'{i:02d}.png')
     expect_error(capsys, TINY_FLAGS + ['--out', out, '--data', str(root), '--max-images', '16', '--holdout', '8'],
                  '--holdout 8: ', 'has 20 usable images', '--max-images 12')
+    (root / 'dataset.json').write_text(json.dumps({'labels': [[f'{i:02d}.png', i % 2 if i < 12 else 3] for i in range(20)]}))
+    expect_error(capsys, TINY_FLAGS + ['--out', out, '--data', str(root), '--max-images', '12', '--holdout', '8', '--cond'],
+                 'a held-out image has class 3, which the training images lack (they have 2)')

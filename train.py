@@ -286,8 +286,6 @@ def check_args(args, world, device):
     if args.holdout and args.holdout % args.batch:
         raise UserError(f'--holdout {args.holdout} is not a multiple of --batch {args.batch} (D sees it in whole batches); '
                         f'use e.g. {args.holdout // args.batch * args.batch or args.batch}')
-    if args.holdout and args.cond:
-        raise UserError('--holdout does not support --cond yet (D would need the labels of the held-out images); drop one')
     for name in args.metrics.split(','):
         if name not in ('', 'none'):
             try:
@@ -723,11 +721,14 @@ def train(args, rank, world, device, init=None):
     stylegan = args.arch == 'stylegan2'
     dataset = data.make_dataset(None if bench else args.data, args.resolution, args.max_images, args.seed, args.skip_bad,
                                 labels=args.cond)
-    held = (data.make_holdout(args.data, args.resolution, len(dataset), args.holdout, args.seed, args.skip_bad)
+    held = (data.make_holdout(args.data, args.resolution, len(dataset), args.holdout, args.seed, args.skip_bad, args.cond)
             if args.holdout and not bench else None)  # D-overfitting diagnostics: reals the run never trains on
     if args.warmup_kimg is None:  # thesis Sec. 2.4: "about 20 epochs"
         args.warmup_kimg = 20 * len(dataset) / 1000
     args.c_dim = dataset.num_classes if args.cond else 0
+    if held is not None and args.cond and held.labels.max() >= args.c_dim:
+        raise UserError(f'--holdout {args.holdout}: a held-out image has class {held.labels.max()}, which the training '
+                        f'images lack (they have {args.c_dim}); change --max-images or --holdout')
     if init and init['args']['c_dim'] != args.c_dim:
         raise UserError(f'--init {args.init} has {init["args"]["c_dim"]} classes, the data {args.c_dim}; '
                         f'fine-tune on data with the same classes')
@@ -1069,15 +1070,19 @@ def train(args, rank, world, device, init=None):
             mine_idx = [k * B + rank * b + i for k in range(args.holdout // B) for i in range(b)]
             held_u8['train'] = torch.stack([dataset[i % len(dataset)] for i in mine_idx])
             held_u8['heldout'] = torch.stack([held[i] for i in mine_idx])
+            if args.cond:  # D judges each real with its own class
+                held_u8['c'] = {'train': dataset.labels[[i % len(dataset) for i in mine_idx]], 'heldout': held.labels[mine_idx]}
         sums = torch.zeros(3, device=device)
         with metrics._eval_mode(G, D), amp:  # (batch norm's statistics and spectral norm's vectors stay as they are)
             for k in range(args.holdout // B):
                 gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 - 1 - k)  # not a training step's seed
-                lat = latents(gen)
-                ref_k = to_float(held_u8['train'][k * b:(k + 1) * b].to(device)) if D.needs_ref else None
-                for j, x in enumerate([to_float(held_u8[key][k * b:(k + 1) * b].to(device)) for key in ('train', 'heldout')]
-                                      + [G(**lat)]):
-                    sums[j] += D(x, ref_k).float().sum()
+                lat, part = latents(gen), slice(k * b, (k + 1) * b)
+                ref_k = to_float(held_u8['train'][part].to(device)) if D.needs_ref else None
+                reals = [(to_float(held_u8[key][part].to(device)),
+                          one_hot(torch.as_tensor(held_u8['c'][key][part], device=device)) if args.cond else None)
+                         for key in ('train', 'heldout')]
+                for j, (x, c) in enumerate(reals + [(G(**lat), lat.get('c'))]):
+                    sums[j] += D(x, ref_k, c=c).float().sum()
         if world > 1:
             dist.all_reduce(sums)
         return dict(zip(('train', 'heldout', 'fake'), (sums / args.holdout).tolist()))
