@@ -3672,7 +3672,7 @@ def test_build_networks_and_checkpoint_round_trip_every_arch_key(tmp_path):
     a = dict(resolution=16, z_dim=24, w_dim=16, channel_base=128, channel_max=16, map_layers=3, mbstd_group=2,
              conv_clamp=0.3, g_attn='san', g_attn_res=16, d_attn='ref', d_attn_res=8, ref_attn_eq=1,
              sel='concat', heatmap='nonhier', arch='stylegan2', c_dim=3, mbstd_layout='strided', sel_placement='official',
-             eqgan='paper')
+             eqgan='paper', added_layers='plain')  # added_layers: the SN backbones' (test_sn_added_layers_...)
     assert set(a) == set(model.ARCH_KEYS)
     torch.manual_seed(0)
     # eqgan off its default (for TINY, an older checkpoint: 'paper') excludes concat and --sel-placement: built apart

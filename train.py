@@ -469,6 +469,14 @@ def keep_freed_memory():
     libc.mallopt(-2, 1 << 30)   # M_TOP_PAD: grow it in large steps
 
 
+def fail(msg, code=1):
+    """'error: msg' on stderr in ONE write (print writes the newline apart: the lines of DDP processes
+    sharing a stderr interleaved), then exit."""
+    sys.stderr.write(f'error: {msg}\n')
+    sys.stderr.flush()
+    sys.exit(code)
+
+
 def print0(*a, rank=0, **k):
     if rank == 0:
         print(*a, **k, flush=True)
@@ -665,17 +673,12 @@ def main(argv=None):
         if world > 1:  # leave together: a rank tearing gloo down while rank 0 still writes can abort
             dist.barrier()
     except (UserError, data.DataError) as e:
-        msg = str(e).strip().splitlines()[-1]  # errors re-raised from loader workers carry a traceback
-        print(f'error: {msg}', file=sys.stderr, flush=True)
-        sys.exit(1)
+        fail(str(e).strip().splitlines()[-1])  # errors re-raised from loader workers carry a traceback
     except KeyboardInterrupt:
-        print('error: interrupted; the same command resumes from the last checkpoint, if one was written',
-              file=sys.stderr, flush=True)
-        sys.exit(130)
+        fail('interrupted; the same command resumes from the last checkpoint, if one was written', 130)
     except OSError as e:  # the file system: --out under a file, a full disk while writing a grid or the log
         where = f'{e.filename}: {e.strerror}' if e.filename else str(e)
-        print(f'error: {where}; check the path, its permissions and the free space', file=sys.stderr, flush=True)
-        sys.exit(1)
+        fail(f'{where}; check the path, its permissions and the free space')
     finally:
         if lock:  # (a traceback kept by a caller would otherwise keep the file, and the lock, open)
             lock.close()
