@@ -299,7 +299,7 @@ def check_args(args, world, device):
     for key in ('eqgan', 'heatmap'):  # their defaults follow --sel (parse_args)
         if key in args.explicit and args.sel == 'none':
             raise UserError(f'--{key} does nothing without --sel norm (or concat/flatten); add that or drop the flag')
-    if 'added_layers' in args.explicit and (stylegan or args.sel == args.g_attn == args.d_attn == 'none'):
+    if 'added_layers' in args.explicit and (stylegan or not has_added_layers(vars(args))):
         raise UserError('--added-layers does nothing ' + ('with --arch stylegan2 (its layers are all equalized)' if stylegan
                         else 'without --sel, --g-attn or --d-attn (the layers it parametrizes)') + '; drop it')
     paper = args.eqgan == 'paper'
